@@ -1,0 +1,1 @@
+"""The `selpipe` command line: parses settings, calls a stage, prints its summary."""

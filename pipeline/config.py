@@ -1,0 +1,222 @@
+"""Typed settings: the one source of truth for every option.
+
+Each setting is a dataclass field whose metadata carries its help text. The CLI builds its
+options from these fields (see `selpipe.cli.options`), config files are JSON objects with the
+same keys, and `docs/configuration.md` is generated from them. Validation lives in
+`__post_init__`, so a config is valid however it was built: from flags, a file or Python.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args
+
+Backend = Literal["hf", "vllm"]
+DType = Literal["float32", "bfloat16", "float16"]
+Truncation = Literal["truncate", "skip"]
+OnBadRow = Literal["error", "skip"]
+Schedule = Literal["linear", "cosine", "constant"]
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message says which one and what to do."""
+
+
+def setting(default: Any, help: str, *, identity: bool = False, cli: bool = True, **kwargs: Any) -> Any:
+    """A dataclass field with its help text.
+
+    `identity` marks score-ref settings that change what lands in the cache: a rerun into an
+    existing cache must agree on all of them.
+    """
+    metadata = {"help": help, "identity": identity, "cli": cli}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
+def _check_choice(cfg: Any, name: str, literal: Any) -> None:
+    value = getattr(cfg, name)
+    choices = get_args(literal)
+    if value not in choices:
+        raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_positive(cfg: Any, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive; got {getattr(cfg, name)}")
+
+
+@dataclass
+class ScoreConfig:
+    """Settings of `selpipe score-ref` (stage one)."""
+
+    input: str = setting("", "Preference data: .jsonl, .jsonl.zst, .parquet, or a directory saved by `datasets`.")
+    output: str = setting("", "Cache directory to write (created if missing; a rerun resumes it).")
+    model: str = setting("", "Reference model: a local directory or a name your HF cache already holds.", identity=True)
+    revision: str | None = setting(None, "Model revision to record and load (for hub-style caches).", identity=True)
+    backend: Backend = setting("hf", "Scoring backend: `hf` (transformers) or `vllm`.", identity=True)
+    dtype: DType = setting("float32", "Weights dtype of the reference; log-softmax is always fp32.", identity=True)
+    split: str = setting("train", "Split to read when the input is a saved DatasetDict.", identity=True)
+    max_length: int = setting(1024, "Most tokens in prompt + one completion.", identity=True)
+    max_prompt_length: int = setting(512, "Most prompt tokens; longer prompts keep their end.", identity=True)
+    truncation: Truncation = setting(
+        "truncate",
+        "Rows over the limits: `truncate` (prompt keeps its end, completions keep their start) "
+        "or `skip` (counted, reason `too_long`).",
+        identity=True,
+    )
+    append_eos: bool = setting(True, "Append the EOS token to string completions (chat completions end with the template's end-of-turn).", identity=True)
+    on_bad_row: OnBadRow = setting("error", "Malformed rows: `error` stops with the row and field, `skip` counts them.", identity=True)
+    num_workers: int = setting(1, "Number of worker processes sharing this cache.", identity=True)
+    worker_index: int = setting(0, "This worker's index in [0, num_workers).")
+    shard_size: int = setting(4096, "Input rows per shard (the unit of restart).", identity=True)
+    row_group_size: int = setting(256, "Rows per Parquet row group (the unit of streaming).", identity=True)
+    token_budget: int = setting(16384, "hf backend: most padded tokens in one forward batch.")
+    logprob_chunk: int = setting(1024, "Completion positions per log-softmax chunk (bounds the [tokens, vocab] buffer).")
+    device: str = setting("auto", "hf backend device: auto, cpu, cuda, cuda:N.")
+    tensor_parallel_size: int = setting(1, "vllm backend: GPUs per model.")
+    gpu_memory_utilization: float = setting(0.9, "vllm backend: fraction of GPU memory for the engine.")
+    kv_cache_memory_bytes: int | None = setting(None, "vllm backend: KV cache size in bytes (needed on CPU).")
+    progress: bool = setting(True, "Show a progress bar.")
+
+    def __post_init__(self) -> None:
+        for name in ("input", "output", "model"):
+            if not getattr(self, name):
+                raise ConfigError(f"--{name} is required")
+        _check_choice(self, "backend", Backend)
+        _check_choice(self, "dtype", DType)
+        _check_choice(self, "truncation", Truncation)
+        _check_choice(self, "on_bad_row", OnBadRow)
+        _check_positive(self, "max_length", "max_prompt_length", "num_workers", "shard_size",
+                        "row_group_size", "token_budget", "logprob_chunk", "tensor_parallel_size")
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(
+                f"--max-prompt-length ({self.max_prompt_length}) must be below --max-length "
+                f"({self.max_length}) to leave room for a completion"
+            )
+        if not 0 <= self.worker_index < self.num_workers:
+            raise ConfigError(f"--worker-index must be in [0, {self.num_workers}); got {self.worker_index}")
+        if self.token_budget < self.max_length:
+            raise ConfigError(f"--token-budget ({self.token_budget}) must hold one sequence of --max-length ({self.max_length})")
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that define the cache's content (see `setting(identity=True)`)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["identity"]}
+
+
+@dataclass
+class TrainConfig:
+    """Settings of `selpipe train` (stage two)."""
+
+    cache: str = setting("", "Score cache written by `selpipe score-ref`: scores tokens (and anchors the KL term unless --anchor-scores).")
+    policy: str = setting("", "Policy to train: a local model directory (usually the SFT model).")
+    output: str = setting("", "Run directory: checkpoints, metrics.jsonl, TensorBoard logs, final model.")
+    anchor_scores: str | None = setting(None, "A second cache of the same rows whose log-probs anchor the DPO term.")
+    eval_cache: str | None = setting(None, "A score cache to evaluate on (loss, margins, preference accuracy).")
+    top_k: float = setting(0.4, "Fraction k of each response's tokens selected by alignment score; 1 is plain DPO.")
+    beta: float = setting(0.01, "DPO temperature beta.")
+    label_smoothing: float = setting(0.0, "Label smoothing eps of the sigmoid loss (conservative DPO).")
+    learning_rate: float = setting(5e-7, "Peak learning rate of AdamW.")
+    min_lr_ratio: float = setting(0.0, "Final learning rate as a fraction of the peak (linear/cosine).")
+    weight_decay: float = setting(0.0, "AdamW weight decay.")
+    adam_betas: list = setting([0.9, 0.999], "AdamW betas.", cli=False)
+    schedule: Schedule = setting("cosine", "Decay after warm-up: linear, cosine or constant.")
+    warmup_steps: int = setting(0, "Optimizer steps of linear warm-up from 0.")
+    max_steps: int = setting(0, "Optimizer steps to run; 0 means --epochs full passes.")
+    epochs: int = setting(1, "Passes over the cache when --max-steps is 0.")
+    global_batch_size: int = setting(32, "Pairs per optimizer step across all ranks.")
+    micro_batch_size: int = setting(4, "Pairs per forward pass on one rank.")
+    gradient_clipping: float = setting(1.0, "Clip the global gradient norm to this (0 disables).")
+    zero_stage: int = setting(0, "DeepSpeed ZeRO stage 0-3; picks configs/zero{N}.json.")
+    deepspeed_config: str | None = setting(None, "A DeepSpeed JSON to use instead of the shipped one (batch sizes, optimizer and precision are filled in from these settings).")
+    precision: Literal["auto", "bf16", "fp32"] = setting("auto", "bf16 on GPUs that support it, else fp32.")
+    gradient_checkpointing: bool = setting(False, "Recompute activations in backward to save memory.")
+    logprob_chunk: int = setting(1024, "Completion positions per log-softmax chunk.")
+    shuffle_window: int = setting(16, "Row groups shuffled together (the stream's shuffle buffer).")
+    seed: int = setting(0, "Seed of the shuffle and of any randomness in the run.")
+    save_every: int = setting(0, "Checkpoint every N optimizer steps (0: only at the end).")
+    keep_checkpoints: int = setting(2, "Most recent checkpoints kept on disk.")
+    eval_every: int = setting(0, "Evaluate every N optimizer steps (0: at start and end only).")
+    log_every: int = setting(1, "Write metrics every N optimizer steps.")
+    resume: bool = setting(False, "Continue from the last checkpoint in --output.")
+    save_model: bool = setting(True, "Save the final policy with save_pretrained.")
+    progress: bool = setting(True, "Show a progress bar (rank 0).")
+
+    def __post_init__(self) -> None:
+        for name in ("cache", "policy", "output"):
+            if not getattr(self, name):
+                raise ConfigError(f"--{name} is required")
+        if not 0.0 < self.top_k <= 1.0:
+            raise ConfigError(f"--top-k must be in (0, 1]; got {self.top_k}. Use 1 for plain DPO.")
+        if self.beta <= 0:
+            raise ConfigError(f"--beta must be positive; got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"--label-smoothing must be in [0, 0.5); got {self.label_smoothing}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"--zero-stage must be 0, 1, 2 or 3; got {self.zero_stage}")
+        _check_choice(self, "schedule", Schedule)
+        _check_choice(self, "precision", Literal["auto", "bf16", "fp32"])
+        _check_positive(self, "global_batch_size", "micro_batch_size", "logprob_chunk", "shuffle_window",
+                        "log_every", "keep_checkpoints")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"--global-batch-size ({self.global_batch_size}) must be a multiple of "
+                f"--micro-batch-size ({self.micro_batch_size})"
+            )
+        if self.max_steps < 0 or self.epochs <= 0 and self.max_steps == 0:
+            raise ConfigError("set --max-steps > 0 or --epochs > 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"--min-lr-ratio must be in [0, 1]; got {self.min_lr_ratio}")
+
+    def gradient_accumulation_steps(self, world_size: int) -> int:
+        """Micro batches per rank per optimizer step; refuses a split that does not divide."""
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"--global-batch-size ({self.global_batch_size}) must be divisible by "
+                f"--micro-batch-size ({self.micro_batch_size}) x ranks ({world_size}) = {per_step}; "
+                f"pick a global batch that is a multiple of {per_step}"
+            )
+        return self.global_batch_size // per_step
+
+
+ConfigT = TypeVar("ConfigT", ScoreConfig, TrainConfig)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON config file; keys are setting names (`max_length` or `max-length`)."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object of settings")
+    return {key.replace("-", "_"): value for key, value in raw.items() if not key.startswith("//")}
+
+
+def build_config(cls: type[ConfigT], file_values: dict[str, Any], overrides: dict[str, Any]) -> ConfigT:
+    """Defaults < config file < explicit overrides; unknown keys are an error naming them."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(file_values) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in config file: {', '.join(unknown)}")
+    return cls(**{**file_values, **overrides})
+
+
+def settings_table(cls: type) -> str:
+    """A Markdown table of a config class's settings (used for docs/configuration.md)."""
+    rows = ["| setting | default | meaning |", "| --- | --- | --- |"]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append(f"| `--{f.name.replace('_', '-')}` | `{default!r}` | {f.metadata['help']} |")
+    return "\n".join(rows)

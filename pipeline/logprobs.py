@@ -1,0 +1,105 @@
+"""Per-token log-probabilities at completion positions: the one helper both stages use.
+
+`log p(y_t | y_<t)` is read from the final hidden state at position t-1. Only positions whose
+target is a completion token are projected to the vocabulary, in chunks of `chunk_size`
+positions, and each chunk's fp32 log-softmax is wrapped in activation checkpointing when
+gradients flow. So neither the forward nor the saved-for-backward state ever holds a
+`[tokens, vocab]` tensor of the whole batch: the peak is `[chunk_size, vocab]` in fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def _chunk_logprobs(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def logprobs_from_hidden(
+    head: Callable[[torch.Tensor], torch.Tensor],
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int,
+) -> torch.Tensor:
+    """`log_softmax(head(hidden))[targets]` in fp32, `chunk_size` rows at a time.
+
+    hidden: [N, H] states that predict `targets` [N]. Returns [N] fp32.
+    """
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    recompute = torch.is_grad_enabled() and hidden.requires_grad
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+        if recompute:
+            pieces.append(checkpoint(_chunk_logprobs, head, h, t, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logprobs(head, h, t))
+    return torch.cat(pieces)
+
+
+def output_head(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The map from final hidden states to logits, including a final soft-cap where the model has one."""
+    lm_head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    if not softcap:
+        return lm_head
+
+    def capped(hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(lm_head(hidden) / softcap) * softcap
+
+    return capped
+
+
+def completion_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    target_mask: torch.Tensor,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Log-probs of the tokens where `target_mask` is set, in row-major order, fp32 [N].
+
+    input_ids, attention_mask, target_mask: [B, T], right-padded. target_mask marks completion
+    tokens; column 0 must be unset (the first token has no prediction).
+    """
+    if target_mask[:, 0].any():
+        raise ValueError("target_mask marks position 0, which no hidden state predicts; sequences need a prompt")
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    predicts = target_mask[:, 1:]
+    return logprobs_from_hidden(output_head(model), hidden[:, :-1][predicts], input_ids[:, 1:][predicts], chunk_size)
+
+
+def pad_sequences(sequences: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists into (input_ids, attention_mask) [B, T]."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, :len(seq)] = 1
+    return input_ids, attention_mask
+
+
+def completion_target_mask(prompt_lengths: list[int], completion_lengths: list[int], width: int) -> torch.Tensor:
+    """[B, T] bool: True at the completion tokens of right-padded prompt+completion rows."""
+    positions = torch.arange(width)
+    start = torch.tensor(prompt_lengths).unsqueeze(1)
+    end = start + torch.tensor(completion_lengths).unsqueeze(1)
+    return (positions >= start) & (positions < end)
+
+
+def to_padded(flat: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a row-major flat [sum(lengths)] into ([B, max_len] values, [B, max_len] bool mask).
+
+    Differentiable with respect to `flat`; padding holds 0.
+    """
+    width = max(lengths) if lengths else 0
+    mask = torch.arange(width, device=flat.device).unsqueeze(0) < torch.tensor(lengths, device=flat.device).unsqueeze(1)
+    padded = flat.new_zeros(mask.shape)
+    return padded.masked_scatter(mask, flat), mask

@@ -1,0 +1,139 @@
+"""Tokenization, done once in stage one; the ids go into the cache.
+
+Prompt and each completion are tokenized separately and concatenated, so the boundary between
+prompt and completion is exact (no re-tokenization across it can move a token). Standard rows:
+the prompt gets the tokenizer's own special tokens (BOS where it has one) and each completion
+gets EOS appended. Conversational rows: the prompt is rendered with the chat template and the
+generation prompt; a completion is the rest of the template's rendering of prompt + that turn,
+so it ends with the template's end-of-turn token.
+
+Truncation (`truncate`): a prompt over `max_prompt_length` keeps its last tokens (those next to
+the response); then completions over `max_length - len(prompt)` keep their first tokens.
+With `skip` a row over either limit is skipped with reason `too_long`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .formats import BadRowError, RawRow
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    id: str
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    truncated: bool = False
+
+    @property
+    def chosen_sequence(self) -> list[int]:
+        return self.prompt_ids + self.chosen_ids
+
+    @property
+    def rejected_sequence(self) -> list[int]:
+        return self.prompt_ids + self.rejected_ids
+
+
+@dataclass(frozen=True)
+class TokenizationSettings:
+    max_length: int
+    max_prompt_length: int
+    truncation: str = "truncate"
+    append_eos: bool = True
+
+
+def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _chat_text(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def tokenize_pair(tokenizer: Any, row: RawRow, settings: TokenizationSettings, source: str = "input") -> TokenizedPair:
+    """Tokenize one row. Raises BadRowError (reason `too_long`, `template_mismatch`, ...)."""
+    line = row.position + 1
+    if row.conversational:
+        if not getattr(tokenizer, "chat_template", None):
+            raise BadRowError(source, line, "prompt", "no_chat_template", "conversational row but the tokenizer has no chat template", row.id)
+        prompt_text = _chat_text(tokenizer, row.prompt, generation_prompt=True)  # type: ignore[arg-type]
+        prompt_ids = _encode(tokenizer, prompt_text, special=False)
+        completions = []
+        for name in ("chosen", "rejected"):
+            full = _chat_text(tokenizer, row.prompt + getattr(row, name), generation_prompt=False)  # type: ignore[operator]
+            if not full.startswith(prompt_text):
+                raise BadRowError(source, line, name, "template_mismatch",
+                                  "the chat template's rendering of prompt + response does not start with its rendering of the prompt", row.id)
+            completions.append(_encode(tokenizer, full[len(prompt_text):], special=False))
+    else:
+        prompt_ids = _encode(tokenizer, row.prompt, special=True)  # type: ignore[arg-type]
+        completions = []
+        for name in ("chosen", "rejected"):
+            ids = _encode(tokenizer, getattr(row, name), special=False)
+            if settings.append_eos and tokenizer.eos_token_id is not None:
+                ids.append(tokenizer.eos_token_id)
+            completions.append(ids)
+    if not prompt_ids:
+        raise BadRowError(source, line, "prompt", "empty_prompt",
+                          "tokenizes to no tokens and the tokenizer adds no BOS, so the first completion token has no context", row.id)
+    for name, ids in zip(("chosen", "rejected"), completions):
+        if not ids:
+            raise BadRowError(source, line, name, "empty_completion", "tokenizes to no tokens", row.id)
+    chosen_ids, rejected_ids = completions
+    return truncate_pair(row.id, prompt_ids, chosen_ids, rejected_ids, settings, source, line)
+
+
+def truncate_pair(row_id: str, prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int],
+                  settings: TokenizationSettings, source: str = "input", line: int = 0) -> TokenizedPair:
+    longest = max(len(chosen_ids), len(rejected_ids))
+    fits = len(prompt_ids) <= settings.max_prompt_length and len(prompt_ids) + longest <= settings.max_length
+    if fits:
+        return TokenizedPair(row_id, prompt_ids, chosen_ids, rejected_ids)
+    if settings.truncation == "skip":
+        raise BadRowError(source, line, None, "too_long",
+                          f"prompt {len(prompt_ids)} + longest completion {longest} tokens exceed "
+                          f"--max-prompt-length {settings.max_prompt_length} / --max-length {settings.max_length}", row_id)
+    prompt_ids = prompt_ids[-settings.max_prompt_length:]
+    room = settings.max_length - len(prompt_ids)
+    return TokenizedPair(row_id, prompt_ids, chosen_ids[:room], rejected_ids[:room], truncated=True)
+
+
+def _sha(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> dict[str, str]:
+    """Hashes of the parts of a tokenizer that decide token ids, one per part.
+
+    Kept apart so a mismatch can say which part differs (vocabulary, merges, normalisation,
+    special tokens, chat template). `all` hashes the rest together.
+    """
+    parts: dict[str, Any] = {"vocab": sorted(tokenizer.get_vocab().items())}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        model = spec.get("model", {})
+        parts["merges"] = model.get("merges")
+        parts["model_type"] = model.get("type")
+        parts["normalization"] = [spec.get("normalizer"), spec.get("pre_tokenizer"), spec.get("post_processor")]
+        parts["added_tokens"] = spec.get("added_tokens")
+    parts["special_tokens"] = {
+        "map": tokenizer.special_tokens_map,
+        "bos": tokenizer.bos_token_id,
+        "eos": tokenizer.eos_token_id,
+        "pad": tokenizer.pad_token_id,
+    }
+    parts["chat_template"] = getattr(tokenizer, "chat_template", None)
+    hashed = {name: _sha(value) for name, value in parts.items()}
+    hashed["all"] = _sha(hashed)
+    return hashed
+
+
+def fingerprint_differences(expected: dict[str, str], actual: dict[str, str]) -> list[str]:
+    """Names of the tokenizer parts whose hashes differ."""
+    return sorted(name for name in set(expected) | set(actual) if name != "all" and expected.get(name) != actual.get(name))
