@@ -142,7 +142,7 @@ class TrainConfig:
     keep_checkpoints: int = setting(2, "Most recent checkpoints kept on disk.")
     eval_every: int = setting(0, "Evaluate every N optimizer steps (0: at start and end only).")
     log_every: int = setting(1, "Write metrics every N optimizer steps.")
-    resume: bool = setting(False, "Continue from the last checkpoint in --output.")
+    resume: bool = setting(False, "Continue from the last checkpoint in --output (starts fresh if there is none).")
     save_model: bool = setting(True, "Save the final policy with save_pretrained.")
     progress: bool = setting(True, "Show a progress bar (rank 0).")
 

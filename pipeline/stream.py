@@ -1,0 +1,131 @@
+"""The training stream: a score cache dealt to ranks, shuffled by seed, resumable by position.
+
+One global order per epoch, the same whatever the number of ranks:
+
+1. the cache's Parquet row groups are permuted with a generator seeded by (seed, epoch);
+2. consecutive runs of `shuffle_window` row groups form windows, and the rows of each window
+   are permuted with a generator seeded by (seed, epoch, window) (a shuffle buffer: only one
+   window is in memory);
+3. the stream is cut into global batches of `global_batch_size` rows (a short last batch is
+   dropped), and rank r of W takes the r-th of W equal slices of each global batch.
+
+So a global batch holds the same pairs on 1 GPU or 64, a resumed job at (epoch, offset) sees
+exactly the rows it would have seen, and a job may even resume on another number of ranks.
+Each rank reads every window's Parquet but converts only its own rows to Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .cache import CacheError, iter_row_groups
+
+ANCHOR_COLUMNS = ["id", "chosen_ref_logps", "rejected_ref_logps"]
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where the stream stands: `offset` rows of epoch `epoch` have been consumed."""
+
+    epoch: int = 0
+    offset: int = 0
+
+    def to_json(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+
+class CacheStream:
+    def __init__(self, directory: str | Path, manifest: dict[str, Any], *, rank: int, world_size: int,
+                 global_batch_size: int, seed: int, shuffle_window: int,
+                 anchor: tuple[str | Path, dict[str, Any]] | None = None):
+        if global_batch_size % world_size:
+            raise ValueError(f"global batch {global_batch_size} does not split over {world_size} ranks")
+        self.directory = Path(directory)
+        self.row_groups = list(iter_row_groups(self.directory, manifest))
+        self.total_rows = sum(rows for _, _, rows in self.row_groups)
+        self.rank, self.world_size = rank, world_size
+        self.global_batch_size, self.seed, self.shuffle_window = global_batch_size, seed, shuffle_window
+        self.anchor_directory = Path(anchor[0]) if anchor else None
+        self.batches_per_epoch = self.total_rows // global_batch_size
+        if self.batches_per_epoch == 0:
+            raise CacheError(f"{directory}: {self.total_rows} rows cannot fill one global batch of {global_batch_size}; "
+                             f"lower --global-batch-size")
+        self._files: dict[Path, pq.ParquetFile] = {}
+
+    def _file(self, path: Path) -> pq.ParquetFile:
+        if path not in self._files:
+            self._files[path] = pq.ParquetFile(path)
+        return self._files[path]
+
+    def _windows(self, epoch: int) -> list[list[int]]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.row_groups))
+        return [order[i:i + self.shuffle_window].tolist() for i in range(0, len(order), self.shuffle_window)]
+
+    def _read_window(self, groups: list[int]) -> pa.Table:
+        tables = []
+        for index in groups:
+            file, group, _ = self.row_groups[index]
+            table = self._file(self.directory / file).read_row_group(group)
+            if self.anchor_directory is not None:
+                anchor = self._file(self.anchor_directory / file).read_row_group(group, columns=ANCHOR_COLUMNS)
+                if anchor.column("id") != table.column("id"):
+                    raise CacheError(f"{self.anchor_directory / file}: row group {group} holds other row ids than the "
+                                     f"scoring cache; score the anchor from the same input with the same settings")
+                table = table.append_column("chosen_anchor_logps", anchor.column("chosen_ref_logps"))
+                table = table.append_column("rejected_anchor_logps", anchor.column("rejected_ref_logps"))
+            tables.append(table)
+        return pa.concat_tables(tables)
+
+    def _mine(self, start: int, stop: int) -> list[int]:
+        """Stream positions in [start, stop) that belong to this rank (by global-batch slice)."""
+        share = self.global_batch_size // self.world_size
+        positions = np.arange(start, stop)
+        return positions[(positions % self.global_batch_size) // share == self.rank].tolist()
+
+    def batches(self, position: StreamPosition) -> Iterator[tuple[StreamPosition, list[dict[str, Any]]]]:
+        """Endless (position after, this rank's rows) per global batch, starting at `position`."""
+        epoch, offset = position.epoch, position.offset
+        while True:
+            usable = self.batches_per_epoch * self.global_batch_size
+            pending: list[dict[str, Any]] = []
+            window_start = 0
+            for window_index, groups in enumerate(self._windows(epoch)):
+                window_rows = sum(self.row_groups[g][2] for g in groups)
+                window_stop = min(window_start + window_rows, usable)
+                if window_stop > offset:
+                    lo = max(offset, window_start)
+                    wanted = self._mine(lo, window_stop)
+                    if wanted:
+                        permutation = np.random.default_rng([self.seed, epoch, window_index]).permutation(window_rows)
+                        table = self._read_window(groups)
+                        pending.extend(table.take(permutation[np.asarray(wanted) - window_start]).to_pylist())
+                    share = self.global_batch_size // self.world_size
+                    # Emit every global batch that ends inside this window.
+                    batch_end = (lo // self.global_batch_size + 1) * self.global_batch_size
+                    while batch_end <= window_stop:
+                        yield StreamPosition(epoch, batch_end), pending[:share]
+                        pending = pending[share:]
+                        offset = batch_end
+                        batch_end += self.global_batch_size
+                window_start += window_rows
+                if window_start >= usable:
+                    break
+            epoch, offset = epoch + 1, 0
+
+
+def eval_shards(rows: int, rank: int, world_size: int, micro_batch_size: int) -> tuple[list[int], int]:
+    """This rank's eval row indices (contiguous block) and the micro-batch count all ranks share.
+
+    Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively);
+    a rank whose block is short pads with rows of weight 0.
+    """
+    per_rank = -(-rows // world_size)
+    mine = list(range(rank * per_rank, min(rows, (rank + 1) * per_rank)))
+    return mine, -(-per_rank // micro_batch_size)

@@ -1,0 +1,493 @@
+"""Stage two: `selpipe train`, Selective-DPO on DeepSpeed from a score cache.
+
+cache -> per-rank stream -> micro batches -> policy log-probs at completion positions ->
+alignment scores -> top-k mask -> masked DPO loss -> DeepSpeed step.
+
+Launch with one process (no launcher needed), or with `torchrun`/`deepspeed` for several
+processes and nodes. Without a GPU DeepSpeed runs on CPU with gloo.
+
+Run directory:
+    config.json                 the resolved TrainConfig and the DeepSpeed config it produced
+    metrics.jsonl               one object per logged optimizer step, eval rows prefixed `eval/`
+    tensorboard/                the same metrics for TensorBoard
+    checkpoints/step-N/         DeepSpeed checkpoint + stream position, RNG states, config
+    checkpoints/latest          name of the newest complete checkpoint (written last)
+    summary.json                what the run did (also printed by `selpipe train`)
+    model/                      the final policy, `save_pretrained` with its tokenizer
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import math
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from selpipe.pipeline.batching import PairBatch, collate_pairs
+from selpipe.pipeline.cache import CacheError, check_tokenizer, load_manifest, read_rows, verify_checksums, write_json_atomic
+from selpipe.pipeline.config import ConfigError, TrainConfig, to_dict
+from selpipe.pipeline.logprobs import completion_logprobs, to_padded
+from selpipe.pipeline.loss import selective_dpo_loss
+from selpipe.pipeline.stream import CacheStream, StreamPosition, eval_shards
+from selpipe.pipeline.tokenization import tokenizer_fingerprint
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class PolicyLogprobs(torch.nn.Module):
+    """The policy as DeepSpeed sees it: batch in, completion log-probs out (never full logits)."""
+
+    def __init__(self, policy: torch.nn.Module, chunk_size: int):
+        super().__init__()
+        self.policy, self.chunk_size = policy, chunk_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+        return completion_logprobs(self.policy, input_ids, attention_mask, target_mask, self.chunk_size)
+
+
+# ---------------------------------------------------------------------------- setup
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ensure_distributed_env() -> None:
+    """A single process started without a launcher runs as rank 0 of 1 (else DeepSpeed looks for MPI)."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+
+
+def use_bf16(precision: str) -> bool:
+    if precision == "fp32":
+        return False
+    available = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if precision == "bf16" and not available:
+        raise ConfigError("--precision bf16 needs a GPU with bf16 support; use --precision fp32 or auto")
+    return available
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The shipped (or given) DeepSpeed JSON with selpipe's settings filled in."""
+    path = Path(cfg.deepspeed_config) if cfg.deepspeed_config else CONFIG_DIR / f"zero{cfg.zero_stage}.json"
+    try:
+        ds = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("//")}
+    except FileNotFoundError:
+        raise ConfigError(f"DeepSpeed config {path} does not exist") from None
+    ds["train_batch_size"] = cfg.global_batch_size
+    ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
+    ds["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps(world_size)
+    ds["gradient_clipping"] = cfg.gradient_clipping
+    ds["bf16"] = {"enabled": use_bf16(cfg.precision)}
+    ds["zero_optimization"] = ds.get("zero_optimization") or {"stage": cfg.zero_stage}
+    optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = optimizer.setdefault("params", {})
+    params.update(lr=cfg.learning_rate, betas=list(cfg.adam_betas), eps=1e-8, weight_decay=cfg.weight_decay)
+    # DeepSpeed's fused Adam needs a CUDA build; on CPU use torch's AdamW (no extension compile).
+    params.setdefault("torch_adam", not torch.cuda.is_available())
+    return ds
+
+
+def lr_factor(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Multiplier of the peak lr after `step` optimizer steps: linear warm-up, then decay."""
+    if step < cfg.warmup_steps:
+        return step / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    floor = cfg.min_lr_ratio
+    if cfg.schedule == "linear":
+        return floor + (1.0 - floor) * (1.0 - progress)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class Caches:
+    train: dict[str, Any]
+    anchor: dict[str, Any] | None
+    eval: dict[str, Any] | None
+
+
+def validate_caches(cfg: TrainConfig, tokenizer: Any) -> Caches:
+    """Refuse, before any training, a cache that is incomplete, altered, or from another tokenizer."""
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    loaded = {}
+    for name, path in (("train", cfg.cache), ("anchor", cfg.anchor_scores), ("eval", cfg.eval_cache)):
+        if path is None:
+            loaded[name] = None
+            continue
+        manifest = load_manifest(path)
+        verify_checksums(path, manifest)
+        check_tokenizer(path, manifest, fingerprint)
+        loaded[name] = manifest
+    if loaded["anchor"] is not None:
+        _check_anchor(cfg, loaded["train"], loaded["anchor"])
+    return Caches(**loaded)
+
+
+def _check_anchor(cfg: TrainConfig, train: dict[str, Any], anchor: dict[str, Any]) -> None:
+    layout = [(s["file"], s["rows"]) for s in train["shards"]]
+    if layout != [(s["file"], s["rows"]) for s in anchor["shards"]]:
+        raise CacheError(f"{cfg.anchor_scores}: the anchor cache's shards differ from {cfg.cache}'s; score the anchor "
+                         f"from the same input with the same --num-workers, --shard-size and limits")
+    train_ids = [r["id"] for r in read_rows(cfg.cache, train, columns=["id"])]
+    anchor_ids = [r["id"] for r in read_rows(cfg.anchor_scores, anchor, columns=["id"])]
+    if train_ids != anchor_ids:
+        first = next(i for i, (a, b) in enumerate(zip(train_ids, anchor_ids)) if a != b)
+        raise CacheError(f"{cfg.anchor_scores}: the anchor cache has different row ids (row {first}: "
+                         f"{anchor_ids[first]!r}, scoring cache has {train_ids[first]!r}); score both from the same input")
+
+
+def load_policy(cfg: TrainConfig, ds_config: dict[str, Any]):
+    """The policy; under ZeRO-3 built partitioned across ranks as it loads (HfDeepSpeedConfig)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    keep_alive = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"].get("stage") == 3 else None
+    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(cfg.policy, dtype=dtype)
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, keep_alive
+
+
+# ---------------------------------------------------------------------------- the step
+
+
+SUM_KEYS = ("pairs", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "implicit/accuracies",
+            "selected/chosen", "selected/rejected", "tokens/chosen", "tokens/rejected", "scores/chosen", "scores/rejected",
+            "tokens")
+
+
+def forward_loss(engine: Any, batch: PairBatch, cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any]:
+    """Mean loss of the micro batch's real pairs, and the sums its metrics are made of."""
+    flat = engine(batch.input_ids, batch.attention_mask, batch.target_mask)
+    policy, _ = to_padded(flat, batch.completion_lengths)
+    pairs = batch.pairs
+    mask = batch.completion_mask
+    out = selective_dpo_loss(
+        policy[:pairs], policy[pairs:], batch.reference[:pairs], batch.reference[pairs:], mask[:pairs], mask[pairs:],
+        top_k=cfg.top_k, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+        anchor_chosen=batch.anchor[:pairs], anchor_rejected=batch.anchor[pairs:],
+    )
+    w = batch.weights
+    loss = (out.losses * w).sum() / w.sum().clamp(min=1)
+    with torch.no_grad():
+        full = (policy.detach() - batch.anchor) * mask
+        implicit_margin = full[:pairs].sum(1) - full[pairs:].sum(1)
+        sums = {
+            "pairs": w.sum(), "loss": (out.losses.detach() * w).sum(),
+            "rewards/chosen": (out.chosen_rewards * w).sum(), "rewards/rejected": (out.rejected_rewards * w).sum(),
+            "rewards/accuracies": ((out.chosen_rewards > out.rejected_rewards).float() * w).sum(),
+            # A tie (the policy still equals the anchor) is a coin flip, not a loss.
+            "implicit/accuracies": (((implicit_margin > 0).float() + 0.5 * (implicit_margin == 0).float()) * w).sum(),
+            "selected/chosen": (out.chosen_selected.sum(1) * w).sum(),
+            "selected/rejected": (out.rejected_selected.sum(1) * w).sum(),
+            "tokens/chosen": (mask[:pairs].sum(1) * w).sum(), "tokens/rejected": (mask[pairs:].sum(1) * w).sum(),
+            "scores/chosen": ((out.chosen_scores * mask[:pairs]).sum(1) * w).sum(),
+            "scores/rejected": ((out.rejected_scores * mask[pairs:]).sum(1) * w).sum(),
+            "tokens": batch.attention_mask.sum().float(),
+        }
+    return loss, sums, out
+
+
+def _grad_norm_before_step(engine: Any) -> float | None:
+    """The global gradient norm where DeepSpeed does not report one (ZeRO-0 in fp32).
+
+    There the gradients are whole and already averaged across ranks after the boundary's
+    backward, so the norm is local arithmetic. Other stages report it after `step()`.
+    """
+    if engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled():
+        return None
+    squares = [p.grad.detach().float().pow(2).sum() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+
+
+def reduce_metrics(sums: dict[str, torch.Tensor], device: torch.device) -> dict[str, float]:
+    """Sum every counter across ranks, then divide: token means are exact, not means of means."""
+    import deepspeed.comm as dist
+
+    vector = torch.stack([sums[k].float().to(device) for k in SUM_KEYS])
+    dist.all_reduce(vector)
+    total = dict(zip(SUM_KEYS, vector.tolist()))
+    pairs = max(total["pairs"], 1.0)
+    chosen, rejected = total["rewards/chosen"] / pairs, total["rewards/rejected"] / pairs
+    return {
+        "loss": total["loss"] / pairs,
+        "rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
+        "rewards/accuracies": total["rewards/accuracies"] / pairs,
+        "preference_accuracy": total["implicit/accuracies"] / pairs,
+        "selected_fraction/chosen": total["selected/chosen"] / max(total["tokens/chosen"], 1.0),
+        "selected_fraction/rejected": total["selected/rejected"] / max(total["tokens/rejected"], 1.0),
+        "scores/chosen_mean": total["scores/chosen"] / max(total["tokens/chosen"], 1.0),
+        "scores/rejected_mean": total["scores/rejected"] / max(total["tokens/rejected"], 1.0),
+        "pairs": total["pairs"], "tokens": total["tokens"],
+    }
+
+
+def _add(into: dict[str, torch.Tensor], sums: dict[str, torch.Tensor]) -> None:
+    for key, value in sums.items():
+        into[key] = into.get(key, torch.zeros((), device=value.device)) + value.detach()
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+class Evaluator:
+    """Scores the eval cache; tracks the overlap (Jaccard) of its token masks between evals."""
+
+    def __init__(self, path: str, manifest: dict[str, Any], rank: int, world_size: int, cfg: TrainConfig, pad_id: int):
+        self.rows = list(read_rows(path, manifest))
+        self.indices, self.micro_batches = eval_shards(len(self.rows), rank, world_size, cfg.micro_batch_size)
+        self.cfg, self.pad_id = cfg, pad_id
+        self.previous_masks: list[torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def __call__(self, engine: Any) -> dict[str, float]:
+        engine.eval()
+        totals: dict[str, torch.Tensor] = {}
+        masks, overlap_sum, overlap_count = [], 0.0, 0
+        size = self.cfg.micro_batch_size
+        for micro in range(self.micro_batches):
+            chunk = self.indices[micro * size:(micro + 1) * size]
+            weights = [1.0] * len(chunk) + [0.0] * (size - len(chunk))
+            rows = [self.rows[i] for i in chunk] + [self.rows[0]] * (size - len(chunk))
+            batch = collate_pairs(rows, self.pad_id, weights).to(engine.device)
+            _, sums, out = forward_loss(engine, batch, self.cfg)
+            _add(totals, sums)
+            selected = torch.cat([out.chosen_selected.flatten(), out.rejected_selected.flatten()]).cpu()
+            if self.previous_masks is not None:
+                before = self.previous_masks[micro]
+                overlap_sum += float((selected & before).sum()) / max(float((selected | before).sum()), 1.0)
+                overlap_count += 1
+            masks.append(selected)
+        engine.train()
+        metrics = reduce_metrics(totals, engine.device)
+        if overlap_count:
+            metrics["mask_overlap"] = overlap_sum / overlap_count
+        self.previous_masks = masks
+        return {f"eval/{k}": v for k, v in metrics.items() if k not in ("tokens",)}
+
+
+# ---------------------------------------------------------------------------- checkpoints and logs
+
+
+class RunFiles:
+    def __init__(self, output: Path, rank: int):
+        self.output, self.rank = output, rank
+        self.checkpoints = output / "checkpoints"
+        self.metrics_path = output / "metrics.jsonl"
+        self.tensorboard = None
+
+    def latest_checkpoint(self) -> str | None:
+        marker = self.checkpoints / "latest"
+        return marker.read_text().strip() if marker.exists() else None
+
+    def open_logs(self, resume_step: int) -> None:
+        if self.rank != 0:
+            return
+        if self.metrics_path.exists():
+            # Rows logged after the checkpoint we resume from will be produced again.
+            kept = [line for line in self.metrics_path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= resume_step]
+            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tensorboard = SummaryWriter(str(self.output / "tensorboard"), purge_step=resume_step + 1)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.rank != 0:
+            return
+        with open(self.metrics_path, "a") as handle:
+            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)):
+                self.tensorboard.add_scalar(key, value, step)
+        self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def save_checkpoint(engine: Any, files: RunFiles, step: int, position: StreamPosition, cfg: TrainConfig) -> None:
+    import deepspeed.comm as dist
+
+    tag = f"step-{step}"
+    client = {"step": step, "position": position.to_json(), "config": to_dict(cfg)}
+    engine.save_checkpoint(str(files.checkpoints), tag=tag, client_state=client, save_latest=False)
+    torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+               files.checkpoints / tag / f"rng-rank{dist.get_rank()}.pt")
+    dist.barrier()
+    if files.rank == 0:
+        # Only now is the checkpoint whole on every rank: point `latest` at it, drop old ones.
+        tmp = files.checkpoints / ".latest.tmp"
+        tmp.write_text(tag + "\n")
+        os.replace(tmp, files.checkpoints / "latest")
+        tags = sorted((p for p in files.checkpoints.glob("step-*") if p.is_dir()), key=lambda p: int(p.name[5:]))
+        for old in tags[:-cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def load_checkpoint(engine: Any, files: RunFiles) -> tuple[int, StreamPosition]:
+    import deepspeed.comm as dist
+
+    tag = files.latest_checkpoint()
+    if tag is None:
+        raise CacheError(f"{files.output}: --resume but no complete checkpoint is there")
+    _, client = engine.load_checkpoint(str(files.checkpoints), tag=tag)
+    rng = files.checkpoints / tag / f"rng-rank{dist.get_rank()}.pt"
+    if rng.exists():
+        states = torch.load(rng, weights_only=False)
+        torch.set_rng_state(states["cpu"])
+        if states["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
+    return client["step"], StreamPosition(**client["position"])
+
+
+def save_final_model(engine: Any, model: Any, tokenizer: Any, directory: Path, rank: int) -> None:
+    """`save_pretrained` of the trained policy; under ZeRO-3 its shards are gathered first."""
+    if engine.zero_optimization_stage() == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+        if rank == 0:
+            state = {k.removeprefix("policy."): v for k, v in state.items()}
+            model.save_pretrained(directory, state_dict=state)
+    elif rank == 0:
+        model.save_pretrained(directory)
+    if rank == 0:
+        tokenizer.save_pretrained(directory)
+
+
+def teardown(engine: Any) -> None:
+    """The order that keeps gloo from aborting at interpreter exit (see DESIGN.md)."""
+    import deepspeed.comm as dist
+
+    dist.barrier()
+    engine.destroy()
+    del engine
+    gc.collect()
+    dist.destroy_process_group()
+    gc.collect()
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def run_train(cfg: TrainConfig) -> dict[str, Any]:
+    ensure_distributed_env()
+    import deepspeed
+    import deepspeed.comm as dist
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    deepspeed.init_distributed(verbose=False)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    output = Path(cfg.output)
+    files = RunFiles(output, rank)
+    if not cfg.resume and files.latest_checkpoint() is not None:
+        raise ConfigError(f"{output} already holds a run; pass --resume to continue it or choose a new --output")
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
+    caches = validate_caches(cfg, tokenizer)
+    ds_config = deepspeed_config(cfg, world_size)
+    gas = ds_config["gradient_accumulation_steps"]
+    stream = CacheStream(cfg.cache, caches.train, rank=rank, world_size=world_size,
+                         global_batch_size=cfg.global_batch_size, seed=cfg.seed, shuffle_window=cfg.shuffle_window,
+                         anchor=(cfg.anchor_scores, caches.anchor) if caches.anchor else None)
+    total_steps = cfg.max_steps or cfg.epochs * stream.batches_per_epoch
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    torch.manual_seed(cfg.seed)
+    model, _zero3_context = load_policy(cfg, ds_config)
+    wrapper = PolicyLogprobs(model, cfg.logprob_chunk)
+    engine, _, _, _ = deepspeed.initialize(
+        model=wrapper, model_parameters=[p for p in wrapper.parameters() if p.requires_grad], config=copy.deepcopy(ds_config),
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, total_steps)),
+    )
+    step, position = load_checkpoint(engine, files) if cfg.resume and files.latest_checkpoint() else (0, StreamPosition())
+    if rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(output / "config.json", {"train": to_dict(cfg), "deepspeed": ds_config, "world_size": world_size,
+                                                   "total_steps": total_steps, "cache_rows": stream.total_rows})
+    files.open_logs(step)
+    evaluator = Evaluator(cfg.eval_cache, caches.eval, rank, world_size, cfg, pad_id) if caches.eval else None
+    first_eval = last_eval = None
+    if evaluator is not None and step == 0:
+        first_eval = last_eval = evaluator(engine)
+        files.log(0, first_eval)
+
+    batches = stream.batches(position)
+    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not (cfg.progress and rank == 0), dynamic_ncols=True)
+    started, step_metrics = time.perf_counter(), {}
+    first_step = step
+    while step < total_steps:
+        step_started = time.perf_counter()
+        position, rows = next(batches)
+        share = cfg.micro_batch_size
+        sums: dict[str, torch.Tensor] = {}
+        for micro in range(gas):
+            batch = collate_pairs(rows[micro * share:(micro + 1) * share], pad_id).to(engine.device)
+            loss, micro_sums, _ = forward_loss(engine, batch, cfg)
+            engine.backward(loss)
+            if micro == gas - 1:
+                grad_norm = _grad_norm_before_step(engine)
+            engine.step()
+            _add(sums, micro_sums)
+        step += 1
+        metrics = reduce_metrics(sums, engine.device)
+        elapsed = time.perf_counter() - step_started
+        grad_norm = engine.get_global_grad_norm() if grad_norm is None else grad_norm
+        step_metrics = {
+            **{k: v for k, v in metrics.items() if k not in ("pairs", "tokens")},
+            "lr": engine.get_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens_per_second": metrics["tokens"] / elapsed, "pairs_per_second": metrics["pairs"] / elapsed,
+            "epoch": position.epoch,
+        }
+        if step % cfg.log_every == 0 or step == total_steps:
+            files.log(step, step_metrics)
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", margin=f"{metrics['rewards/margins']:.4f}",
+                        pairs_s=f"{step_metrics['pairs_per_second']:.1f}")
+        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+            save_checkpoint(engine, files, step, position, cfg)
+        if evaluator is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+            last_eval = evaluator(engine)
+            files.log(step, last_eval)
+    bar.close()
+    elapsed = time.perf_counter() - started
+
+    if files.latest_checkpoint() != f"step-{step}":
+        save_checkpoint(engine, files, step, position, cfg)
+    if evaluator is not None and (last_eval is None or cfg.eval_every == 0 or step % cfg.eval_every):
+        last_eval = evaluator(engine)
+        files.log(step, last_eval)
+    if cfg.save_model:
+        save_final_model(engine, model, tokenizer, output / "model", rank)
+    files.close()
+    teardown(engine)
+    summary = {
+        "output": str(output), "steps": step, "steps_this_run": step - first_step, "world_size": world_size,
+        "seconds": round(elapsed, 2), "final": step_metrics,
+    }
+    if first_eval is not None:
+        summary["eval_before"] = first_eval
+    if last_eval is not None:
+        summary["eval_after"] = last_eval
+    if rank == 0:
+        write_json_atomic(output / "summary.json", summary)
+    return summary
