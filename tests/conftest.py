@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny models and tokenizers built locally (never downloaded), demo rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "data"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import demo  # noqa: E402  (data/demo.py: the tiny-model builder)
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """A tokenizer and two identical tiny Qwen2 models (reference, policy) plus a different one."""
+    root = tmp_path_factory.mktemp("models")
+    tokenizer = demo.build_tokenizer(root / "tokenizer", demo.corpus())
+    demo.build_model(root / "reference", tokenizer, seed=0)
+    demo.build_model(root / "policy", tokenizer, seed=0)
+    demo.build_model(root / "other", tokenizer, seed=1)
+    return {"tokenizer": root / "tokenizer", "reference": root / "reference", "policy": root / "policy", "other": root / "other"}
+
+
+@pytest.fixture(scope="session")
+def tokenizer(models):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(models["tokenizer"])
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def demo_rows() -> list[dict]:
+    return demo.generate_pairs(48, seed=3, id_prefix="t")
+
+
+def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `selpipe ARGS` in a fresh process, as a user would."""
+    result = subprocess.run([str(BIN / "selpipe"), *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, **(env or {})}, cwd=REPO)
+    if check and result.returncode != 0:
+        raise AssertionError(f"selpipe {' '.join(map(str, args))} exited {result.returncode}\n{result.stderr[-4000:]}")
+    return result
+
+
+def score(input_path: Path, output: Path, model: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run_cli("score-ref", "--input", input_path, "--output", output, "--model", model,
+                   "--max-length", "64", "--max-prompt-length", "32", "--no-progress", *extra)
+
+
+@pytest.fixture(scope="session")
+def score_config(models):
+    """A factory of small ScoreConfigs on the tiny reference."""
+    from selpipe.pipeline.config import ScoreConfig
+
+    def make(input_path, output, **overrides):
+        settings = dict(input=str(input_path), output=str(output), model=str(models["reference"]), max_length=64,
+                        max_prompt_length=32, shard_size=16, row_group_size=4, progress=False)
+        return ScoreConfig(**{**settings, **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory, score_config):
+    """A 96-pair cache of demo rows: 6 shards of 16 rows, row groups of 4."""
+    from selpipe.stages.score_ref import run_score_ref
+
+    root = tmp_path_factory.mktemp("cache")
+    rows = write_jsonl(root / "train.jsonl", demo.generate_pairs(96, seed=5, id_prefix="c"))
+    run_score_ref(score_config(rows, root / "cache"))
+    return root / "cache"

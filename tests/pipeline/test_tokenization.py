@@ -1,0 +1,46 @@
+import pytest
+
+from selpipe.pipeline.formats import BadRowError, RawRow
+from selpipe.pipeline.tokenization import (
+    TokenizationSettings, fingerprint_differences, tokenize_pair, tokenizer_fingerprint,
+)
+
+SETTINGS = TokenizationSettings(max_length=64, max_prompt_length=32)
+
+
+def test_standard_row_prompt_then_completion_plus_eos(tokenizer):
+    row = RawRow("a", 0, "What is 1 plus 2?", "1 plus 2 is 3.", "1 plus 2 is 4.")
+    pair = tokenize_pair(tokenizer, row, SETTINGS)
+    assert pair.prompt_ids == tokenizer("What is 1 plus 2?")["input_ids"]
+    assert pair.chosen_ids == tokenizer("1 plus 2 is 3.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert pair.chosen_sequence == pair.prompt_ids + pair.chosen_ids
+
+
+def test_chat_template_is_applied(tokenizer):
+    row = RawRow("c", 0, [{"role": "user", "content": "Hi"}], [{"role": "assistant", "content": "Hello"}],
+                 [{"role": "assistant", "content": "Bye"}])
+    pair = tokenize_pair(tokenizer, row, SETTINGS)
+    assert tokenizer.decode(pair.prompt_ids) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.decode(pair.chosen_ids) == "Hello<|im_end|>\n"
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in pair.rejected_ids
+
+
+def test_truncation_keeps_prompt_end_and_completion_start(tokenizer):
+    settings = TokenizationSettings(max_length=12, max_prompt_length=4)
+    row = RawRow("t", 0, "What is 10 plus 20? What is 30 plus 40?", "10 plus 20 is 30. Happy to help!", "No.")
+    full = tokenize_pair(tokenizer, row, TokenizationSettings(max_length=200, max_prompt_length=100))
+    cut = tokenize_pair(tokenizer, row, settings)
+    assert cut.truncated and cut.prompt_ids == full.prompt_ids[-4:]
+    assert cut.chosen_ids == full.chosen_ids[:8] and cut.rejected_ids == full.rejected_ids
+    with pytest.raises(BadRowError, match="exceed") as info:
+        tokenize_pair(tokenizer, row, TokenizationSettings(12, 4, truncation="skip"))
+    assert info.value.reason == "too_long"
+
+
+def test_fingerprint_names_the_part_that_differs(tokenizer):
+    import copy
+
+    changed = copy.deepcopy(tokenizer)
+    changed.chat_template = "{{ messages }}"
+    assert fingerprint_differences(tokenizer_fingerprint(tokenizer), tokenizer_fingerprint(changed)) == ["chat_template"]
+    assert fingerprint_differences(tokenizer_fingerprint(tokenizer), tokenizer_fingerprint(tokenizer)) == []
