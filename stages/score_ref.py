@@ -67,7 +67,7 @@ def _claim_directory(out: Path, header: dict[str, Any]) -> None:
         write_json_atomic(path, header)
         return
     existing = json.loads(path.read_text())
-    keys = ("schema_version", "reference", "tokenizer_fingerprint", "input", "tokenization", "settings")
+    keys = ("schema_version", "reference", "tokenizer_fingerprint", "input", "settings")  # settings cover tokenization
     differing = []
     for key in keys:
         old, new = existing.get(key), header.get(key)
