@@ -1,0 +1,185 @@
+"""Stage two end to end, each run in its own process as a user launches it."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from selpipe.pipeline.config import ConfigError, TrainConfig
+from selpipe.stages.score_ref import run_score_ref
+
+from ..conftest import BIN, REPO, demo, run_cli, write_jsonl
+
+
+def per_step(run_dir, key="loss"):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+def train(cache, policy, output, *extra, launcher=(), check=True):
+    command = [*launcher, str(BIN / "selpipe"), "train", "--cache", str(cache), "--policy", str(policy),
+               "--output", str(output), "--no-progress", *map(str, extra)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n{result.stderr[-5000:]}")
+    return result
+
+
+def torchrun(processes):
+    return (str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(processes))
+
+
+@pytest.fixture(scope="module")
+def demo_caches(tmp_path_factory, score_config):
+    """The demo's train (512 pairs) and eval (128 pairs) data, scored by the tiny reference."""
+    root = tmp_path_factory.mktemp("demo")
+    caches = {}
+    for name, count, seed in (("train", 512, 1), ("eval", 128, 2)):
+        rows = write_jsonl(root / f"{name}.jsonl", demo.generate_pairs(count, seed, name))
+        run_score_ref(score_config(rows, root / name, shard_size=128, row_group_size=32))
+        caches[name] = root / name
+    return caches
+
+
+def test_loss_falls_and_eval_preference_accuracy_rises(tmp_path, demo_caches, models):
+    """The demo's own settings. Step 1 sees policy == reference (loss ln 2, all scores tied, every
+    token selected); the mask then picks the tokens the policy gets most wrong, so the loss first
+    rises above ln 2 and then falls as training fixes them."""
+    train(demo_caches["train"], models["policy"], tmp_path / "run", "--eval-cache", demo_caches["eval"],
+          "--top-k", "0.4", "--beta", "0.1", "--learning-rate", "3e-4", "--warmup-steps", "4", "--epochs", "2",
+          "--global-batch-size", "16", "--micro-batch-size", "8", "--eval-every", "32")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    losses = per_step(tmp_path / "run")
+    assert len(losses) == 64 and abs(losses[1] - 0.6931472) < 1e-6
+    early = sum(losses[s] for s in range(2, 18)) / 16
+    late = sum(losses[s] for s in range(49, 65)) / 16
+    assert late < early - 0.02
+    before, after = summary["eval_before"]["eval/preference_accuracy"], summary["eval_after"]["eval/preference_accuracy"]
+    assert before == 0.5 and after > 0.65
+    step = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])
+    for key in ("step", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "selected_fraction/chosen", "selected_fraction/rejected", "lr", "grad_norm", "tokens_per_second"):
+        assert step[key] is not None, key
+    assert 0.35 < per_step(tmp_path / "run", "selected_fraction/chosen")[64] < 0.6
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["top_k"] == 0.4
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert AutoTokenizer.from_pretrained(tmp_path / "run" / "model").eos_token == "<|im_end|>"
+    start = AutoModelForCausalLM.from_pretrained(models["policy"])
+    assert any((a - b).abs().max() > 0 for a, b in zip(model.parameters(), start.parameters()))
+
+
+SAME_BATCH = ("--max-steps", "4", "--global-batch-size", "8", "--micro-batch-size", "2", "--learning-rate", "1e-3",
+              "--beta", "0.1", "--save-every", "0", "--no-save-model")
+
+
+def test_two_processes_give_the_losses_of_one(tmp_path, demo_caches, models):
+    train(demo_caches["train"], models["policy"], tmp_path / "one", *SAME_BATCH)
+    expected = per_step(tmp_path / "one")
+    for stage in (2, 3):
+        train(demo_caches["train"], models["policy"], tmp_path / f"two-z{stage}", *SAME_BATCH, "--zero-stage", stage,
+              launcher=torchrun(2))
+        got = per_step(tmp_path / f"two-z{stage}")
+        assert got.keys() == expected.keys()
+        for step in expected:
+            assert got[step] == pytest.approx(expected[step], abs=2e-5), (stage, step)
+
+
+def test_final_model_is_gathered_under_zero3(tmp_path, demo_caches, models):
+    train(demo_caches["train"], models["policy"], tmp_path / "z3", "--max-steps", "2", "--global-batch-size", "8",
+          "--micro-batch-size", "4", "--zero-stage", "3", "--learning-rate", "1e-3", launcher=torchrun(2))
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "z3" / "model")
+    start = AutoModelForCausalLM.from_pretrained(models["policy"])
+    shapes = [p.shape for p in model.parameters()]
+    assert shapes == [p.shape for p in start.parameters()]
+    assert any((a - b).abs().max() > 0 for a, b in zip(model.parameters(), start.parameters()))
+
+
+def test_killed_run_resumes_with_the_losses_of_an_uninterrupted_one(tmp_path, demo_caches, models):
+    settings = ("--epochs", "3", "--global-batch-size", "8", "--micro-batch-size", "4", "--learning-rate", "5e-4",
+                "--beta", "0.1", "--warmup-steps", "5", "--save-every", "7", "--no-save-model")
+    train(demo_caches["train"], models["policy"], tmp_path / "clean", *settings)
+    command = [str(BIN / "selpipe"), "train", "--cache", str(demo_caches["train"]), "--policy", str(models["policy"]),
+               "--output", str(tmp_path / "killed"), "--no-progress", *settings]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    latest = tmp_path / "killed" / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (latest.exists() and latest.read_text().strip() != "step-7"):
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the kill must land mid-run"
+    killed_at = int(latest.read_text().strip()[5:])
+    assert 14 <= killed_at < 192
+    train(demo_caches["train"], models["policy"], tmp_path / "killed", *settings, "--resume")
+    clean, resumed = per_step(tmp_path / "clean"), per_step(tmp_path / "killed")
+    assert sorted(resumed) == sorted(clean) == list(range(1, 193))  # no step logged twice or lost
+    for step in range(killed_at + 1, 193):
+        assert resumed[step] == pytest.approx(clean[step], abs=1e-6), step
+
+
+def test_anchor_cache_equal_to_the_scoring_cache_changes_nothing(tmp_path, demo_caches, models):
+    common = ("--max-steps", "2", "--global-batch-size", "8", "--micro-batch-size", "8", "--learning-rate", "1e-3", "--no-save-model")
+    train(demo_caches["train"], models["policy"], tmp_path / "plain", *common)
+    train(demo_caches["train"], models["policy"], tmp_path / "anchored", *common, "--anchor-scores", demo_caches["train"])
+    assert per_step(tmp_path / "plain") == per_step(tmp_path / "anchored")
+
+
+def refused(result, *fragments, code=2):
+    assert result.returncode == code, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in result.stderr, (fragment, result.stderr[-3000:])
+
+
+def test_refusals_before_training(tmp_path, demo_caches, models, score_config):
+    short = ("--max-steps", "1", "--global-batch-size", "8", "--micro-batch-size", "8")
+    # A cache scored with another tokenizer.
+    other_root = tmp_path / "other-tok"
+    tokenizer = demo.build_tokenizer(other_root / "tok", demo.corpus(), vocab_size=400)
+    demo.build_model(other_root / "model", tokenizer)
+    rows = write_jsonl(tmp_path / "rows.jsonl", demo.generate_pairs(16, 1, "o"))
+    run_score_ref(score_config(rows, other_root / "cache", model=str(other_root / "model")))
+    refused(train(other_root / "cache", models["policy"], tmp_path / "r1", *short, check=False),
+            "tokenizer differs", "vocab")
+    # A truncated shard.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(demo_caches["train"], damaged)
+    shard = sorted(damaged.glob("part-*.parquet"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    refused(train(damaged, models["policy"], tmp_path / "r2", *short, check=False), "checksum mismatch")
+    # An unknown schema version.
+    future = tmp_path / "future"
+    shutil.copytree(demo_caches["train"], future)
+    manifest = json.loads((future / "manifest.json").read_text())
+    (future / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 7}))
+    refused(train(future, models["policy"], tmp_path / "r3", *short, check=False), "schema version 7")
+    # An anchor cache of other rows.
+    refused(train(demo_caches["train"], models["policy"], tmp_path / "r4", *short, "--anchor-scores",
+                  demo_caches["eval"], check=False), "anchor cache")
+    # Impossible settings.
+    refused(train(demo_caches["train"], models["policy"], tmp_path / "r5", "--top-k", "1.5", check=False), "--top-k must be in (0, 1]")
+    refused(train(demo_caches["train"], models["policy"], tmp_path / "r6", "--top-k", "0", check=False), "--top-k must be in (0, 1]")
+    refused(train(demo_caches["train"], models["policy"], tmp_path / "r7", "--global-batch-size", "10",
+                  "--micro-batch-size", "4", check=False), "multiple of --micro-batch-size")
+    refused(train(demo_caches["train"], models["policy"], tmp_path / "r8", "--global-batch-size", "12",
+                  "--micro-batch-size", "4", launcher=torchrun(2), check=False),
+            "divisible by --micro-batch-size (4) x ranks (2)", code=1)  # torchrun reports a failed child as 1
+
+
+def test_global_batch_must_split_over_ranks():
+    cfg = TrainConfig(cache="c", policy="p", output="o", global_batch_size=24, micro_batch_size=4)
+    assert cfg.gradient_accumulation_steps(2) == 3
+    with pytest.raises(ConfigError, match=r"x ranks \(4\) = 16"):
+        cfg.gradient_accumulation_steps(4)
