@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
@@ -210,7 +211,20 @@ def build_config(cls: type[ConfigT], file_values: dict[str, Any], overrides: dic
     unknown = sorted(set(file_values) - known)
     if unknown:
         raise ConfigError(f"unknown setting(s) in config file: {', '.join(unknown)}")
-    return cls(**{**file_values, **overrides})
+    return cls(**{name: _coerce(cls, name, value) for name, value in {**file_values, **overrides}.items()})
+
+
+def _coerce(cls: type, name: str, value: Any) -> Any:
+    """JSON gives 2 for 2.0; accept an int for a float setting, refuse any other type mismatch."""
+    hint = typing.get_type_hints(cls)[name]
+    allowed = tuple(a for a in (typing.get_args(hint) or (hint,)) if isinstance(a, type))
+    if typing.get_origin(hint) is Literal or value is None or not allowed:
+        return value
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+        raise ConfigError(f"setting {name!r} must be {' or '.join(a.__name__ for a in allowed)}; got {value!r}")
+    return value
 
 
 def settings_table(cls: type) -> str:

@@ -25,8 +25,8 @@ from selpipe.pipeline.cache import (
     SCHEMA_VERSION, CacheError, ScoredPair, SkippedRow, completed_shard, load_manifest, shard_records,
     summarize, write_json_atomic, write_manifest, write_shard,
 )
-from selpipe.pipeline.config import ScoreConfig, to_dict
-from selpipe.pipeline.formats import BadRowError, Record, fingerprint_input, parse_row, read_records
+from selpipe.pipeline.config import ConfigError, ScoreConfig, to_dict
+from selpipe.pipeline.formats import BadRowError, InputError, Record, fingerprint_input, input_kind, parse_row, read_records
 from selpipe.pipeline.tokenization import TokenizationSettings, TokenizedPair, tokenize_pair, tokenizer_fingerprint
 
 # Reasons that are skips by the user's own choice (`--truncation skip`), not malformed input.
@@ -121,13 +121,14 @@ def _score_pairs(scorer: Any, pairs: list[TokenizedPair]) -> list[ScoredPair]:
 
 def run_score_ref(cfg: ScoreConfig, scorer_factory=None) -> dict[str, Any]:
     """Score this worker's slice into `cfg.output`; returns the summary of what it wrote."""
-    from transformers import AutoTokenizer
-
     from .backends import make_scorer
 
+    if not Path(cfg.input).exists():
+        raise InputError(f"{cfg.input}: input does not exist")
+    input_kind(Path(cfg.input))
     out = Path(cfg.output)
+    tokenizer = load_tokenizer(cfg.model, cfg.revision)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model, revision=cfg.revision)
     backend_version = _backend_version(cfg.backend)
     header = build_header(cfg, tokenizer, backend_version)
     _claim_directory(out, header)
@@ -183,6 +184,17 @@ def _parsed_rows(cfg: ScoreConfig, records: list[Record]) -> Iterator[Any]:
             yield parse_row(source, record)
         except BadRowError:
             continue
+
+
+def load_tokenizer(model: str, revision: str | None = None) -> Any:
+    """The model's tokenizer, or a one-line error saying the model cannot be found."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model, revision=revision)
+    except OSError as err:
+        raise ConfigError(f"cannot load a tokenizer from {model!r}: give a local model directory "
+                          f"(no downloads here) ({str(err).splitlines()[0]})") from None
 
 
 def _backend_version(backend: str) -> str | None:

@@ -40,6 +40,8 @@ from selpipe.pipeline.loss import selective_dpo_loss
 from selpipe.pipeline.stream import CacheStream, StreamPosition, eval_shards
 from selpipe.pipeline.tokenization import tokenizer_fingerprint
 
+from .score_ref import load_tokenizer
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -392,8 +394,6 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     import deepspeed
     import deepspeed.comm as dist
     from tqdm import tqdm
-    from transformers import AutoTokenizer
-
     deepspeed.init_distributed(verbose=False)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     output = Path(cfg.output)
@@ -401,7 +401,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     if not cfg.resume and files.latest_checkpoint() is not None:
         raise ConfigError(f"{output} already holds a run; pass --resume to continue it or choose a new --output")
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
+    tokenizer = load_tokenizer(cfg.policy)
     caches = validate_caches(cfg, tokenizer)
     ds_config = deepspeed_config(cfg, world_size)
     gas = ds_config["gradient_accumulation_steps"]

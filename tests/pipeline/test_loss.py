@@ -77,3 +77,37 @@ def test_anchor_cache_anchors_the_reward_while_the_reference_scores():
     assert out.chosen_selected.int().tolist() == [[0, 1, 1]]  # same mask as the golden case
     assert out.chosen_rewards.item() == 0.5 * (-2.0 - 3.0)    # masked sum of p - 0
     assert out.rejected_rewards.item() == 0.5 * -1.0
+
+
+def test_k_one_equals_trls_own_dpo_loss(models, tmp_path):
+    """TRL (a peer, not us) computes its sigmoid DPO loss on per-token log-probs; ours at k = 1
+    on exactly the same per-token log-probs must agree to float precision."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(models["policy"])
+    rows = [{"prompt": f"What is {a} plus 2?", "chosen": f" {a + 2}. Happy to help!", "rejected": f" {a + 3}."} for a in range(4)]
+    args = DPOConfig(output_dir=str(tmp_path), beta=0.1, report_to=[], use_cpu=True, per_device_train_batch_size=4,
+                     precompute_ref_log_probs=False)
+    policy = AutoModelForCausalLM.from_pretrained(models["policy"])
+    trainer = DPOTrainer(model=policy, ref_model=AutoModelForCausalLM.from_pretrained(models["reference"]), args=args,
+                         train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    completion = batch["completion_mask"][:, 1:].bool()
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    with torch.no_grad():
+        outputs = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                                fused_lm_head=True, use_cache=False)
+    policy_logps = outputs.log_probs[:, -completion.shape[1]:] * completion
+    reference_logps = (policy_logps - torch.rand(policy_logps.shape, generator=torch.Generator().manual_seed(0))) * completion
+    pairs = batch["input_ids"].shape[0] // 2
+    trainer.precompute_ref_logps = True  # TRL takes the reference's sequence log-probs as given
+    batch["ref_chosen_logps"], batch["ref_rejected_logps"] = reference_logps.sum(1).chunk(2)
+    trainer.model.eval()
+    with torch.no_grad():
+        trl_loss = trainer._compute_loss(trainer.model, batch, return_outputs=False)
+    ours = selective_dpo_loss(policy_logps[:pairs], policy_logps[pairs:], reference_logps[:pairs], reference_logps[pairs:],
+                              completion[:pairs], completion[pairs:], top_k=1.0, beta=0.1)
+    assert abs(trl_loss.item() - math.log(2)) > 1e-3  # a non-trivial margin
+    assert ours.losses.mean().item() == pytest.approx(trl_loss.item(), abs=1e-6)

@@ -1,0 +1,36 @@
+"""Regenerate docs/configuration.md from the settings dataclasses (`make docs`).
+
+The dataclasses in selpipe.pipeline.config are the one source of truth; a test checks that the
+committed page matches what this script would write.
+"""
+
+from pathlib import Path
+
+from selpipe.pipeline.config import ScoreConfig, TrainConfig, settings_table
+
+PAGE = Path(__file__).resolve().parent / "configuration.md"
+
+
+def render() -> str:
+    return f"""# Configuration
+
+Generated from `pipeline/config.py` by `make docs`; do not edit by hand.
+
+Every setting is a flag (`--max-length 2048`) and a key of a JSON config file passed with
+`--config FILE` (`{{"max_length": 2048}}`); flags override the file, the file overrides the
+defaults. Each run saves the resolved settings next to its output (`config-worker-N.json` in a
+cache, `config.json` in a training run).
+
+## `selpipe score-ref`
+
+{settings_table(ScoreConfig)}
+
+## `selpipe train`
+
+{settings_table(TrainConfig)}
+"""
+
+
+if __name__ == "__main__":
+    PAGE.write_text(render())
+    print(f"wrote {PAGE}")
