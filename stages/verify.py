@@ -12,7 +12,23 @@ from typing import Any
 
 import numpy as np
 
-from selpipe.pipeline.cache import load_manifest, read_rows, verify_checksums
+import pyarrow.parquet as pq
+
+from selpipe.pipeline.cache import load_manifest, verify_checksums
+
+
+def sample_rows(path: str | Path, manifest: dict[str, Any], sample: int, seed: int) -> list[dict[str, Any]]:
+    """A seeded uniform sample of rows, reading only the shards that hold them."""
+    total = sum(s["rows"] for s in manifest["shards"])
+    wanted = sorted(random.Random(seed).sample(range(total), min(sample, total)))
+    rows, start = [], 0
+    for shard in manifest["shards"]:
+        stop = start + shard["rows"]
+        local = [i - start for i in wanted if start <= i < stop]
+        if local:
+            rows += pq.read_table(Path(path) / shard["file"]).take(local).to_pylist()
+        start = stop
+    return rows
 
 
 def verify_cache(path: str | Path, model: str, *, sample: int = 64, tolerance: float = 1e-3, seed: int = 0,
@@ -21,8 +37,7 @@ def verify_cache(path: str | Path, model: str, *, sample: int = 64, tolerance: f
 
     manifest = load_manifest(path)
     verify_checksums(path, manifest)
-    rows = list(read_rows(path, manifest))
-    chosen = random.Random(seed).sample(rows, min(sample, len(rows)))
+    chosen = sample_rows(path, manifest, sample, seed)
     scorer = HFScorer(model, revision=manifest["reference"]["revision"], dtype=dtype or manifest["reference"]["dtype"],
                       device=device, token_budget=token_budget)
     requests, cached = [], []
