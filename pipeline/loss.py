@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .selection import alignment_scores, top_k_mask
+from .selection import alignment_scores, select_top_k
 
 
 @dataclass
@@ -34,6 +34,8 @@ class SelectiveDPOOutput:
     rejected_selected: torch.Tensor # [B, Ll] bool
     chosen_scores: torch.Tensor     # [B, Lw], detached
     rejected_scores: torch.Tensor   # [B, Ll], detached
+    chosen_threshold: torch.Tensor  # [B] tau of each chosen response
+    rejected_threshold: torch.Tensor  # [B] tau of each rejected response
 
 
 def sigmoid_loss(margins: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -65,8 +67,8 @@ def selective_dpo_loss(
     anchor_rejected = reference_rejected if anchor_rejected is None else anchor_rejected
     chosen_scores = alignment_scores(policy_chosen, reference_chosen, chosen=True)
     rejected_scores = alignment_scores(policy_rejected, reference_rejected, chosen=False)
-    chosen_selected = top_k_mask(chosen_scores, chosen_mask, top_k)
-    rejected_selected = top_k_mask(rejected_scores, rejected_mask, top_k)
+    chosen_selected, chosen_threshold = select_top_k(chosen_scores, chosen_mask, top_k)
+    rejected_selected, rejected_threshold = select_top_k(rejected_scores, rejected_mask, top_k)
     chosen_logratio = ((policy_chosen - anchor_chosen) * chosen_selected).sum(dim=1)
     rejected_logratio = ((policy_rejected - anchor_rejected) * rejected_selected).sum(dim=1)
     margins = beta * (chosen_logratio - rejected_logratio)
@@ -78,4 +80,6 @@ def selective_dpo_loss(
         rejected_selected=rejected_selected,
         chosen_scores=chosen_scores,
         rejected_scores=rejected_scores,
+        chosen_threshold=chosen_threshold,
+        rejected_threshold=rejected_threshold,
     )

@@ -45,9 +45,15 @@ def quantile_threshold(scores: torch.Tensor, mask: torch.Tensor, top_k: float) -
 
 
 @torch.no_grad()
+def select_top_k(scores: torch.Tensor, mask: torch.Tensor, top_k: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, L] bool selection, [B] thresholds): tokens whose score is at least their sequence's tau.
+
+    At k = 1, tau is each sequence's minimum score, so every completion token is selected.
+    """
+    tau = quantile_threshold(scores, mask, top_k)
+    return mask & (scores >= tau.unsqueeze(1)), tau
+
+
 def top_k_mask(scores: torch.Tensor, mask: torch.Tensor, top_k: float) -> torch.Tensor:
     """[B, L] bool: completion tokens whose score is at least their sequence's threshold."""
-    if top_k >= 1.0:
-        return mask.clone()
-    tau = quantile_threshold(scores, mask, top_k)
-    return mask & (scores >= tau.unsqueeze(1))
+    return select_top_k(scores, mask, top_k)[0]

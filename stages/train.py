@@ -171,7 +171,7 @@ def load_policy(cfg: TrainConfig, ds_config: dict[str, Any]):
 
 SUM_KEYS = ("pairs", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "implicit/accuracies",
             "selected/chosen", "selected/rejected", "tokens/chosen", "tokens/rejected", "scores/chosen", "scores/rejected",
-            "tokens")
+            "threshold/chosen", "threshold/rejected", "tokens")
 
 
 def forward_loss(engine: Any, batch: PairBatch, cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any]:
@@ -201,6 +201,7 @@ def forward_loss(engine: Any, batch: PairBatch, cfg: TrainConfig) -> tuple[torch
             "tokens/chosen": (mask[:pairs].sum(1) * w).sum(), "tokens/rejected": (mask[pairs:].sum(1) * w).sum(),
             "scores/chosen": ((out.chosen_scores * mask[:pairs]).sum(1) * w).sum(),
             "scores/rejected": ((out.rejected_scores * mask[pairs:]).sum(1) * w).sum(),
+            "threshold/chosen": (out.chosen_threshold * w).sum(), "threshold/rejected": (out.rejected_threshold * w).sum(),
             "tokens": batch.attention_mask.sum().float(),
         }
     return loss, sums, out
@@ -236,6 +237,9 @@ def reduce_metrics(sums: dict[str, torch.Tensor], device: torch.device) -> dict[
         "selected_fraction/rejected": total["selected/rejected"] / max(total["tokens/rejected"], 1.0),
         "scores/chosen_mean": total["scores/chosen"] / max(total["tokens/chosen"], 1.0),
         "scores/rejected_mean": total["scores/rejected"] / max(total["tokens/rejected"], 1.0),
+        # tau, the (1 - k) quantile of each response's scores, averaged over responses.
+        "scores/chosen_threshold": total["threshold/chosen"] / pairs,
+        "scores/rejected_threshold": total["threshold/rejected"] / pairs,
         "pairs": total["pairs"], "tokens": total["tokens"],
     }
 
