@@ -56,12 +56,22 @@ app.command("train", help="Stage two: train a policy with Selective-DPO on DeepS
 def inspect_command(
     cache: Path = typer.Argument(..., help="Score cache directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Also write an HTML page of sample pairs, tokens shaded."),
+    policy: Optional[Path] = typer.Option(None, "--policy", help="With --html: shade by alignment score against this policy and mark the selected tokens (else shade by reference log-prob)."),
+    samples: int = typer.Option(8, "--samples", help="With --html: pairs to render."),
+    top_k: float = typer.Option(0.4, "--top-k", help="With --html and --policy: the k of the mask."),
+    seed: int = typer.Option(0, "--seed", help="With --html: seed of the sample."),
 ) -> None:
     """What a cache holds: manifest, rows, tokens, size, skipped rows by reason, log-prob distribution."""
     from selpipe.stages.inspect_cache import format_summary, inspect_cache
 
     report = inspect_cache(cache)
     typer.echo(json.dumps(report, indent=2) if as_json else format_summary(report))
+    if html is not None:
+        from selpipe.stages.inspect_html import render_html
+
+        written = render_html(cache, html, policy=policy, samples=samples, top_k=top_k, seed=seed)
+        typer.echo(f"wrote {written}", err=as_json)
 
 
 @app.command("verify")

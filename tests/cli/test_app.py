@@ -54,3 +54,11 @@ def test_config_file_types_are_checked():
     with pytest.raises(ConfigError, match="setting 'beta' must be float; got 'high'"):
         build_config(TrainConfig, {"cache": "c", "policy": "p", "output": "o", "beta": "high"}, {})
     assert build_config(TrainConfig, {"cache": "c", "policy": "p", "output": "o", "beta": 1}, {}).beta == 1.0
+
+
+def test_inspect_prints_the_summary_and_writes_the_selection_page(demo_cache, models, tmp_path):
+    result = run_cli("inspect", demo_cache, "--html", tmp_path / "sel.html", "--policy", models["other"], "--samples", "2")
+    assert "96 scored of 96 read" in result.stdout and "bytes per completion token" in result.stdout
+    page = (tmp_path / "sel.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") or page.lower().startswith("<!doctype html>")
+    assert "http://" not in page and "https://" not in page

@@ -1,0 +1,79 @@
+"""render_html: the token-selection page of `selpipe inspect CACHE --html FILE`."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # `data/` is a folder of scripts, not an installed package
+
+from data.demo import build_model, build_tokenizer, corpus, generate_pairs  # noqa: E402
+from selpipe.pipeline.cache import load_manifest, read_rows  # noqa: E402
+from selpipe.pipeline.config import ScoreConfig  # noqa: E402
+from selpipe.stages.inspect_html import render_html  # noqa: E402
+from selpipe.stages.score_ref import run_score_ref  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """A tiny reference, a differently seeded policy with the same tokenizer, and a scored cache."""
+    root = tmp_path_factory.mktemp("inspect")
+    tokenizer = build_tokenizer(root / "tokenizer", corpus())
+    build_model(root / "reference", tokenizer, seed=0)
+    build_model(root / "policy", tokenizer, seed=1)
+    data = root / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in generate_pairs(6, seed=3, id_prefix="p")))
+    run_score_ref(ScoreConfig(input=str(data), output=str(root / "cache"), model=str(root / "reference"),
+                              max_length=64, max_prompt_length=32, progress=False))
+    return root
+
+
+def _assert_self_contained(page: str) -> None:
+    assert not re.search(r"https?://|<script|<link|\bsrc=|@import|url\(", page)
+
+
+def test_with_policy_shades_by_score_and_marks_the_top_k(scored, tmp_path):
+    out = render_html(scored / "cache", tmp_path / "page.html", policy=scored / "policy", samples=3, top_k=0.4, seed=0)
+    page = out.read_text()
+    assert out == tmp_path / "page.html"
+    assert page.count('class="pair"') == 3
+    _assert_self_contained(page)
+    # Every completion token of the shown pairs is on the page, decoded.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(scored / "policy")
+    rows = list(read_rows(scored / "cache", load_manifest(scored / "cache")))
+    shown = [row for row in rows if html.escape(row["id"]) in page]
+    assert len(shown) == 3
+    for row in shown:
+        for token in row["chosen_ids"] + row["rejected_ids"]:
+            assert f">{html.escape(tokenizer.decode([token]))}</span>" in page
+    # The marks: per response, about 40% of its tokens are boxed (ties may add a few).
+    completion_tokens = sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in shown)
+    selected = len(re.findall(r'class="tok sel[ "]', page))
+    assert 0.4 * completion_tokens - 6 <= selected <= completion_tokens
+    assert selected < completion_tokens
+    assert "score" in page and "selected" in page
+
+
+def test_without_policy_shades_by_reference_logprob_and_selects_nothing(scored, tmp_path):
+    page = render_html(scored / "cache", tmp_path / "ref.html", samples=2).read_text()
+    _assert_self_contained(page)
+    assert page.count('class="pair"') == 2
+    assert 'class="tok sel' not in page.split("</style>")[1].split('class="pair"', 1)[1]
+    assert "reference log-prob" in page
+
+
+def test_deciding_positions_are_underlined(scored, tmp_path):
+    rows = list(read_rows(scored / "cache", load_manifest(scored / "cache")))
+    truth = {row["id"]: {"chosen": [0], "rejected": [1]} for row in rows}
+    page = render_html(scored / "cache", tmp_path / "truth.html", policy=scored / "policy", samples=2,
+                       deciding=truth).read_text()
+    pairs = page.split('class="pair"', 1)[1]  # past the legend
+    assert len(re.findall(r'class="tok[a-z ]* truth"', pairs)) == 4
