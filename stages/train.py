@@ -309,7 +309,9 @@ class RunFiles:
             # Rows logged after the checkpoint we resume from will be produced again.
             kept = [line for line in self.metrics_path.read_text().splitlines()
                     if line and json.loads(line)["step"] <= resume_step]
-            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+            tmp = self.metrics_path.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.metrics_path)
         from torch.utils.tensorboard import SummaryWriter
 
         self.tensorboard = SummaryWriter(str(self.output / "tensorboard"), purge_step=resume_step + 1)
@@ -366,16 +368,22 @@ def load_checkpoint(engine: Any, files: RunFiles) -> tuple[int, StreamPosition]:
 
 
 def save_final_model(engine: Any, model: Any, tokenizer: Any, directory: Path, rank: int) -> None:
-    """`save_pretrained` of the trained policy; under ZeRO-3 its shards are gathered first."""
+    """`save_pretrained` of the trained policy; under ZeRO-3 its shards are gathered first.
+
+    Written beside `directory` and renamed into place, so `model/` is always a whole model.
+    """
+    staging = directory.with_name(f".{directory.name}.tmp")
     if engine.zero_optimization_stage() == 3:
         state = engine._zero3_consolidated_16bit_state_dict()
         if rank == 0:
             state = {k.removeprefix("policy."): v for k, v in state.items()}
-            model.save_pretrained(directory, state_dict=state)
+            model.save_pretrained(staging, state_dict=state)
     elif rank == 0:
-        model.save_pretrained(directory)
+        model.save_pretrained(staging)
     if rank == 0:
-        tokenizer.save_pretrained(directory)
+        tokenizer.save_pretrained(staging)
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(staging, directory)
 
 
 def teardown(engine: Any) -> None:
