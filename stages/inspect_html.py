@@ -56,7 +56,7 @@ def _load_tokenizer(path: str):
 
 @torch.no_grad()
 def _selection(policy: str, rows: list[dict[str, Any]], pad_id: int, top_k: float) -> dict[str, dict[str, torch.Tensor]]:
-    """Per side: policy log-probs, alignment scores and top-k mask [B, L], computed as training does."""
+    """Per side: policy log-probs, alignment scores, completion mask and top-k mask [B, L], as training computes them."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
@@ -67,7 +67,8 @@ def _selection(policy: str, rows: list[dict[str, Any]], pad_id: int, top_k: floa
     out = {}
     for side, part in zip(SIDES, (slice(0, len(rows)), slice(len(rows), None))):
         scores = alignment_scores(policy_logps[part], batch.reference[part], chosen=side == "chosen")
-        out[side] = {"policy": policy_logps[part], "scores": scores, "selected": top_k_mask(scores, mask[part], top_k)}
+        out[side] = {"policy": policy_logps[part], "scores": scores, "mask": mask[part],
+                     "selected": top_k_mask(scores, mask[part], top_k)}
     return out
 
 
@@ -104,10 +105,12 @@ def render_html(cache_dir: str | Path, out_file: str | Path, policy: str | Path 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     per_side = _selection(str(policy), picked, pad_id, top_k) if policy is not None and picked else {}
+    # Colour saturates at the 95th percentile of |value|, so one extreme token does not wash out the rest.
     if per_side:
-        scale = max(float(v["scores"].abs().max()) for v in per_side.values())
+        shown = torch.cat([v["scores"][v["mask"]].abs() for v in per_side.values()])
     else:
-        scale = max((-min(row[f"{side}_ref_logps"]) for row in picked for side in SIDES), default=0.0)
+        shown = torch.tensor([-v for row in picked for side in SIDES for v in row[f"{side}_ref_logps"]])
+    scale = float(torch.quantile(shown, 0.95)) if shown.numel() else 0.0
 
     pairs_html = []
     for index, row in enumerate(picked):
@@ -134,12 +137,12 @@ def render_html(cache_dir: str | Path, out_file: str | Path, policy: str | Path 
 
     if per_side:
         mode = (f"shaded by alignment score under policy <b>{html.escape(str(policy))}</b> "
-                f"(|score| scale {scale:.2f}); boxed: the top {top_k:g} of each response's tokens")
+                f"(colour saturates at |score| {scale:.2f}); boxed: the top {top_k:g} of each response's tokens")
         legend = (f'<span style="background:{_shade(scale, scale, True)}">policy under-rates a chosen / over-rates a rejected token</span>'
                   f'<span style="background:{_shade(-scale, scale, True)}">the opposite</span>'
                   f'<span class="tok sel">selected</span>')
     else:
-        mode = f"shaded by reference log-prob (darker: less likely; scale {scale:.2f} nats); no policy given, so nothing is selected"
+        mode = f"shaded by reference log-prob (darker: less likely, saturating at {scale:.2f} nats); no policy given, so nothing is selected"
         legend = f'<span style="background:{_shade(scale, scale, False)}">unlikely under the reference</span>'
     if deciding:
         legend += '<span class="tok truth">planted deciding token</span>'

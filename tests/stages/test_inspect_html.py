@@ -5,33 +5,25 @@ from __future__ import annotations
 import html
 import json
 import re
-import sys
-from pathlib import Path
 
+import demo  # data/demo.py, put on sys.path by tests/conftest.py
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))  # `data/` is a folder of scripts, not an installed package
-
-from data.demo import build_model, build_tokenizer, corpus, generate_pairs  # noqa: E402
-from selpipe.pipeline.cache import load_manifest, read_rows  # noqa: E402
-from selpipe.pipeline.config import ScoreConfig  # noqa: E402
-from selpipe.stages.inspect_html import render_html  # noqa: E402
-from selpipe.stages.score_ref import run_score_ref  # noqa: E402
+from selpipe.pipeline.cache import load_manifest, read_rows
+from selpipe.pipeline.config import ScoreConfig
+from selpipe.stages.inspect_html import render_html
+from selpipe.stages.score_ref import run_score_ref
 
 
 @pytest.fixture(scope="module")
-def scored(tmp_path_factory):
-    """A tiny reference, a differently seeded policy with the same tokenizer, and a scored cache."""
+def scored(models, tmp_path_factory):
+    """A cache scored by the tiny reference; the differently seeded `other` model plays the policy."""
     root = tmp_path_factory.mktemp("inspect")
-    tokenizer = build_tokenizer(root / "tokenizer", corpus())
-    build_model(root / "reference", tokenizer, seed=0)
-    build_model(root / "policy", tokenizer, seed=1)
     data = root / "pairs.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in generate_pairs(6, seed=3, id_prefix="p")))
-    run_score_ref(ScoreConfig(input=str(data), output=str(root / "cache"), model=str(root / "reference"),
+    data.write_text("".join(json.dumps(row) + "\n" for row in demo.generate_pairs(6, seed=3, id_prefix="p")))
+    run_score_ref(ScoreConfig(input=str(data), output=str(root / "cache"), model=str(models["reference"]),
                               max_length=64, max_prompt_length=32, progress=False))
-    return root
+    return {"cache": root / "cache", "policy": models["other"]}
 
 
 def _assert_self_contained(page: str) -> None:
@@ -39,7 +31,7 @@ def _assert_self_contained(page: str) -> None:
 
 
 def test_with_policy_shades_by_score_and_marks_the_top_k(scored, tmp_path):
-    out = render_html(scored / "cache", tmp_path / "page.html", policy=scored / "policy", samples=3, top_k=0.4, seed=0)
+    out = render_html(scored["cache"], tmp_path / "page.html", policy=scored["policy"], samples=3, top_k=0.4, seed=0)
     page = out.read_text()
     assert out == tmp_path / "page.html"
     assert page.count('class="pair"') == 3
@@ -47,8 +39,8 @@ def test_with_policy_shades_by_score_and_marks_the_top_k(scored, tmp_path):
     # Every completion token of the shown pairs is on the page, decoded.
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(scored / "policy")
-    rows = list(read_rows(scored / "cache", load_manifest(scored / "cache")))
+    tokenizer = AutoTokenizer.from_pretrained(scored["policy"])
+    rows = list(read_rows(scored["cache"], load_manifest(scored["cache"])))
     shown = [row for row in rows if html.escape(row["id"]) in page]
     assert len(shown) == 3
     for row in shown:
@@ -63,7 +55,7 @@ def test_with_policy_shades_by_score_and_marks_the_top_k(scored, tmp_path):
 
 
 def test_without_policy_shades_by_reference_logprob_and_selects_nothing(scored, tmp_path):
-    page = render_html(scored / "cache", tmp_path / "ref.html", samples=2).read_text()
+    page = render_html(scored["cache"], tmp_path / "ref.html", samples=2).read_text()
     _assert_self_contained(page)
     assert page.count('class="pair"') == 2
     assert 'class="tok sel' not in page.split("</style>")[1].split('class="pair"', 1)[1]
@@ -71,9 +63,9 @@ def test_without_policy_shades_by_reference_logprob_and_selects_nothing(scored, 
 
 
 def test_deciding_positions_are_underlined(scored, tmp_path):
-    rows = list(read_rows(scored / "cache", load_manifest(scored / "cache")))
+    rows = list(read_rows(scored["cache"], load_manifest(scored["cache"])))
     truth = {row["id"]: {"chosen": [0], "rejected": [1]} for row in rows}
-    page = render_html(scored / "cache", tmp_path / "truth.html", policy=scored / "policy", samples=2,
+    page = render_html(scored["cache"], tmp_path / "truth.html", policy=scored["policy"], samples=2,
                        deciding=truth).read_text()
     pairs = page.split('class="pair"', 1)[1]  # past the legend
     assert len(re.findall(r'class="tok[a-z ]* truth"', pairs)) == 4
