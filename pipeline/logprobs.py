@@ -61,7 +61,7 @@ def completion_logprobs(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     target_mask: torch.Tensor,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
 ) -> torch.Tensor:
     """Log-probs of the tokens where `target_mask` is set, in row-major order, fp32 [N].
 

@@ -54,7 +54,7 @@ class HFScorer:
     name = "hf"
 
     def __init__(self, model_path: str, *, revision: str | None = None, dtype: str = "float32",
-                 device: str = "auto", token_budget: int = 16384, chunk_size: int = 1024, pad_id: int = 0):
+                 device: str = "auto", token_budget: int = 16384, chunk_size: int = 256, pad_id: int = 0):
         import transformers
         from transformers import AutoModelForCausalLM
 
