@@ -44,16 +44,36 @@ def logprobs_from_hidden(
 
 
 def output_head(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The map from final hidden states to logits, including a final soft-cap where the model has one."""
+    """The map from final hidden states to logits, with the transforms some architectures add
+    after the head: Cohere's `logit_scale` (x), Granite's `logits_scaling` (/), Gemma-2's soft-cap.
+    `check_output_head` catches any other."""
     lm_head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    if not softcap:
+    config = model.config
+    scale = getattr(config, "logit_scale", None) or 1.0
+    divide = getattr(config, "logits_scaling", None) or 1.0
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if scale == 1.0 and divide == 1.0 and not softcap:
         return lm_head
 
-    def capped(hidden: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(lm_head(hidden) / softcap) * softcap
+    def transformed(hidden: torch.Tensor) -> torch.Tensor:
+        logits = lm_head(hidden) * scale / divide
+        return torch.tanh(logits / softcap) * softcap if softcap else logits
 
-    return capped
+    return transformed
+
+
+@torch.no_grad()
+def check_output_head(model: torch.nn.Module) -> None:
+    """Refuse a model whose own logits this module's head path does not reproduce."""
+    device = next(model.parameters()).device
+    ids = torch.arange(1, 9, device=device).remainder(model.config.vocab_size).unsqueeze(0)
+    mask = torch.ones_like(ids)
+    reference = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+    hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    ours = torch.log_softmax(output_head(model)(hidden).float(), -1)
+    if not torch.allclose(reference, ours, atol=1e-3):
+        raise ValueError(f"{type(model).__name__} transforms its logits in a way selpipe does not reproduce; "
+                         f"its log-probs would be wrong")
 
 
 def completion_logprobs(

@@ -7,8 +7,8 @@ gets EOS appended. Conversational rows: the prompt is rendered with the chat tem
 generation prompt; a completion is the rest of the template's rendering of prompt + that turn,
 so it ends with the template's end-of-turn token.
 
-Truncation (`truncate`): a prompt over `max_prompt_length` keeps its last tokens (those next to
-the response); then completions over `max_length - len(prompt)` keep their first tokens.
+Truncation (`truncate`): a prompt over `max_prompt_length` keeps its BOS (if it starts with one)
+and its last tokens (those next to the response); then completions over `max_length - len(prompt)` keep their first tokens.
 With `skip` a row over either limit is skipped with reason `too_long`.
 """
 
@@ -85,11 +85,13 @@ def tokenize_pair(tokenizer: Any, row: RawRow, settings: TokenizationSettings, s
         if not ids:
             raise BadRowError(source, line, name, "empty_completion", "tokenizes to no tokens", row.id)
     chosen_ids, rejected_ids = completions
-    return truncate_pair(row.id, prompt_ids, chosen_ids, rejected_ids, settings, source, line)
+    keep_head = 1 if tokenizer.bos_token_id is not None and prompt_ids[0] == tokenizer.bos_token_id else 0
+    return truncate_pair(row.id, prompt_ids, chosen_ids, rejected_ids, settings, source, line, keep_head)
 
 
 def truncate_pair(row_id: str, prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int],
-                  settings: TokenizationSettings, source: str = "input", line: int = 0) -> TokenizedPair:
+                  settings: TokenizationSettings, source: str = "input", line: int = 0, keep_head: int = 0) -> TokenizedPair:
+    """Apply the truncation rule; the first `keep_head` prompt tokens (a BOS) always stay."""
     longest = max(len(chosen_ids), len(rejected_ids))
     fits = len(prompt_ids) <= settings.max_prompt_length and len(prompt_ids) + longest <= settings.max_length
     if fits:
@@ -98,7 +100,9 @@ def truncate_pair(row_id: str, prompt_ids: list[int], chosen_ids: list[int], rej
         raise BadRowError(source, line, None, "too_long",
                           f"prompt {len(prompt_ids)} + longest completion {longest} tokens exceed "
                           f"--max-prompt-length {settings.max_prompt_length} / --max-length {settings.max_length}", row_id)
-    prompt_ids = prompt_ids[-settings.max_prompt_length:]
+    if len(prompt_ids) > settings.max_prompt_length:
+        tail = settings.max_prompt_length - keep_head
+        prompt_ids = prompt_ids[:keep_head] + prompt_ids[len(prompt_ids) - tail:]
     room = settings.max_length - len(prompt_ids)
     return TokenizedPair(row_id, prompt_ids, chosen_ids[:room], rejected_ids[:room], truncated=True)
 

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from selpipe.pipeline.logprobs import completion_logprobs, completion_target_mask, pad_sequences
+from selpipe.pipeline.logprobs import check_output_head, completion_logprobs, completion_target_mask, pad_sequences
 
 Request = tuple[list[int], int]
 
@@ -62,6 +62,7 @@ class HFScorer:
         self.device = resolve_device(device)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, revision=revision, dtype=TORCH_DTYPES[dtype]).to(self.device)
         self.model.eval()
+        check_output_head(self.model)
         self.token_budget, self.chunk_size, self.pad_id = token_budget, chunk_size, pad_id
 
     @torch.inference_mode()
@@ -119,7 +120,7 @@ class VLLMScorer:
 
 def make_scorer(cfg) -> Scorer:  # cfg: ScoreConfig
     if cfg.backend == "vllm":
-        return VLLMScorer(cfg.model, revision=cfg.revision, dtype=cfg.dtype, max_model_len=cfg.max_length,
+        return VLLMScorer(cfg.model, revision=cfg.revision, dtype=cfg.dtype, max_model_len=cfg.max_length + 1,  # + the one token vLLM must sample
                           tensor_parallel_size=cfg.tensor_parallel_size,
                           gpu_memory_utilization=cfg.gpu_memory_utilization,
                           kv_cache_memory_bytes=cfg.kv_cache_memory_bytes)

@@ -30,7 +30,7 @@ from selpipe.pipeline.formats import BadRowError, InputError, Record, fingerprin
 from selpipe.pipeline.tokenization import TokenizationSettings, TokenizedPair, tokenize_pair, tokenizer_fingerprint
 
 # Reasons that are skips by the user's own choice (`--truncation skip`), not malformed input.
-CHOSEN_SKIPS = {"too_long"}
+USER_REQUESTED_SKIPS = {"too_long"}
 
 
 def worker_of(key: str, num_workers: int) -> int:
@@ -71,6 +71,8 @@ def _claim_directory(out: Path, header: dict[str, Any]) -> None:
     differing = []
     for key in keys:
         old, new = existing.get(key), header.get(key)
+        if key == "input":  # the same bytes may be mounted at another path on another node
+            old, new = old["fingerprint"], new["fingerprint"]
         if isinstance(old, dict) and isinstance(new, dict):
             differing += [f"{key}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         elif old != new:
@@ -103,7 +105,7 @@ def _tokenize_shard(cfg: ScoreConfig, tokenizer: Any, records: list[Record], see
             seen_ids.add(row.id)
             pairs.append(tokenize_pair(tokenizer, row, settings, source))
         except BadRowError as err:
-            if cfg.on_bad_row == "error" and err.reason not in CHOSEN_SKIPS:
+            if cfg.on_bad_row == "error" and err.reason not in USER_REQUESTED_SKIPS:
                 raise
             skipped.append(SkippedRow(id=err.row_id, row=err.row, reason=err.reason, message=str(err)))
     return pairs, skipped
@@ -132,6 +134,9 @@ def run_score_ref(cfg: ScoreConfig, scorer_factory=None) -> dict[str, Any]:
     backend_version = _backend_version(cfg.backend)
     header = build_header(cfg, tokenizer, backend_version)
     _claim_directory(out, header)
+    # This worker is (re)writing shards: until it finishes, no manifest may claim the cache whole.
+    (out / f"worker-{cfg.worker_index:05d}.done.json").unlink(missing_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)
     write_json_atomic(out / f"config-worker-{cfg.worker_index:05d}.json", to_dict(cfg))
 
     started = time.perf_counter()

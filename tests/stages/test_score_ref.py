@@ -118,7 +118,9 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_rows(tmp_path, models):
 
 
 def test_vllm_backend_matches_hf_with_the_same_schema(tmp_path, models, demo_rows):
-    rows = write_jsonl(tmp_path / "in.jsonl", demo_rows[:24])
+    # The last row is cut to exactly --max-length tokens, the longest request vLLM must accept.
+    long_row = dict(demo_rows[0], id="long", chosen=" ".join(["1 plus 2 is 3."] * 30))
+    rows = write_jsonl(tmp_path / "in.jsonl", demo_rows[:24] + [long_row])
     score(rows, tmp_path / "hf", models["reference"])
     score(rows, tmp_path / "vllm", models["reference"], "--backend", "vllm", "--kv-cache-memory-bytes", str(64 << 20))
     hf, vllm = cache_rows(tmp_path / "hf"), cache_rows(tmp_path / "vllm")
@@ -132,6 +134,8 @@ def test_vllm_backend_matches_hf_with_the_same_schema(tmp_path, models, demo_row
     hf_schema = pq.read_schema(next((tmp_path / "hf").glob("part-*.parquet")))
     assert hf_schema.equals(pq.read_schema(next((tmp_path / "vllm").glob("part-*.parquet"))))
     assert load_manifest(tmp_path / "vllm")["backend"]["name"] == "vllm"
+    assert load_manifest(tmp_path / "vllm")["totals"]["truncated"] == 1
+    assert len(vllm["long"]["prompt_ids"]) + len(vllm["long"]["chosen_ids"]) == 64
 
 
 def test_verify_passes_on_a_good_cache_and_fails_on_altered_log_probs(tmp_path, demo_cache, models):
