@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .cache import CacheError
 from .logprobs import completion_target_mask, pad_sequences, to_padded
 
 
@@ -43,6 +44,10 @@ def collate_pairs(rows: list[dict[str, Any]], pad_id: int = 0, weights: list[flo
     sequences, prompt_lengths, completion_lengths, reference, anchor = [], [], [], [], []
     for side in sides:
         for row in rows:
+            for key in (f"{side}_ref_logps", f"{side}_anchor_logps"):
+                if key in row and len(row[key]) != len(row[f"{side}_ids"]):
+                    # Misaligned values would silently shift onto the next row's tokens.
+                    raise CacheError(f"row {row['id']}: {key} has {len(row[key])} values for {len(row[f'{side}_ids'])} tokens")
             sequences.append(list(row["prompt_ids"]) + list(row[f"{side}_ids"]))
             prompt_lengths.append(len(row["prompt_ids"]))
             completion_lengths.append(len(row[f"{side}_ids"]))

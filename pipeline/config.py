@@ -117,7 +117,7 @@ class TrainConfig:
     policy: str = setting("", "Policy to train: a local model directory (usually the SFT model).")
     output: str = setting("", "Run directory: checkpoints, metrics.jsonl, TensorBoard logs, final model.")
     anchor_scores: str | None = setting(None, "A second cache of the same rows whose log-probs anchor the DPO term.")
-    eval_cache: str | None = setting(None, "A score cache to evaluate on (loss, margins, preference accuracy).")
+    eval_cache: str | None = setting(None, "A score cache to evaluate on (loss, margins, preference accuracy); its own log-probs score and anchor.")
     top_k: float = setting(0.4, "Fraction k of each response's tokens selected by alignment score; 1 is plain DPO.")
     beta: float = setting(0.01, "DPO temperature beta.")
     label_smoothing: float = setting(0.0, "Label smoothing eps of the sigmoid loss (conservative DPO).")

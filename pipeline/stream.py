@@ -10,7 +10,8 @@ One global order per epoch, the same whatever the number of ranks:
    dropped), and rank r of W takes the r-th of W equal slices of each global batch.
 
 So a global batch holds the same pairs on 1 GPU or 64, a resumed job at (epoch, offset) sees
-exactly the rows it would have seen, and a job may even resume on another number of ranks.
+exactly the rows it would have seen. (The order itself would survive a change in the number of
+ranks, but DeepSpeed's ZeRO checkpoints do not.)
 Each rank reads every window's Parquet but converts only its own rows to Python.
 """
 
@@ -27,7 +28,7 @@ import pyarrow.parquet as pq
 
 from .cache import CacheError, iter_row_groups
 
-ANCHOR_COLUMNS = ["id", "chosen_ref_logps", "rejected_ref_logps"]
+ANCHOR_COLUMNS = ["id", "chosen_ids", "rejected_ids", "chosen_ref_logps", "rejected_ref_logps"]
 
 
 @dataclass(frozen=True)
@@ -75,9 +76,10 @@ class CacheStream:
             table = self._file(self.directory / file).read_row_group(group)
             if self.anchor_directory is not None:
                 anchor = self._file(self.anchor_directory / file).read_row_group(group, columns=ANCHOR_COLUMNS)
-                if anchor.column("id") != table.column("id"):
-                    raise CacheError(f"{self.anchor_directory / file}: row group {group} holds other row ids than the "
-                                     f"scoring cache; score the anchor from the same input with the same settings")
+                for column in ("id", "chosen_ids", "rejected_ids"):
+                    if anchor.column(column) != table.column(column):
+                        raise CacheError(f"{self.anchor_directory / file}: row group {group} holds other {column} than the "
+                                         f"scoring cache; score the anchor from the same input with the same settings")
                 table = table.append_column("chosen_anchor_logps", anchor.column("chosen_ref_logps"))
                 table = table.append_column("rejected_anchor_logps", anchor.column("rejected_ref_logps"))
             tables.append(table)

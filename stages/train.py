@@ -26,6 +26,7 @@ import os
 import shutil
 import socket
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,9 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     ds["gradient_clipping"] = cfg.gradient_clipping
     ds["bf16"] = {"enabled": use_bf16(cfg.precision)}
     ds["zero_optimization"] = ds.get("zero_optimization") or {"stage": cfg.zero_stage}
+    if ds["zero_optimization"].get("stage", 0) != cfg.zero_stage:
+        raise ConfigError(f"{path} asks for ZeRO stage {ds['zero_optimization'].get('stage', 0)} but --zero-stage is "
+                          f"{cfg.zero_stage}; make them agree")
     optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     params = optimizer.setdefault("params", {})
     params.update(lr=cfg.learning_rate, betas=list(cfg.adam_betas), eps=1e-8, weight_decay=cfg.weight_decay)
@@ -140,6 +144,9 @@ def validate_caches(cfg: TrainConfig, tokenizer: Any) -> Caches:
 
 
 def _check_anchor(cfg: TrainConfig, train: dict[str, Any], anchor: dict[str, Any]) -> None:
+    if train["tokenization"] != anchor["tokenization"]:
+        raise CacheError(f"{cfg.anchor_scores}: the anchor cache was tokenized with {anchor['tokenization']}, "
+                         f"{cfg.cache} with {train['tokenization']}; score both with the same limits")
     layout = [(s["file"], s["rows"]) for s in train["shards"]]
     if layout != [(s["file"], s["rows"]) for s in anchor["shards"]]:
         raise CacheError(f"{cfg.anchor_scores}: the anchor cache's shards differ from {cfg.cache}'s; score the anchor "
@@ -265,7 +272,8 @@ class Evaluator:
     def __call__(self, engine: Any) -> dict[str, float]:
         engine.eval()
         totals: dict[str, torch.Tensor] = {}
-        masks, overlap_sum, overlap_count = [], 0.0, 0
+        masks = []
+        overlap = torch.zeros(2)  # |this mask & last eval's|, |this mask | last eval's|, over real pairs
         size = self.cfg.micro_batch_size
         for micro in range(self.micro_batches):
             chunk = self.indices[micro * size:(micro + 1) * size]
@@ -274,21 +282,36 @@ class Evaluator:
             batch = collate_pairs(rows, self.pad_id, weights).to(engine.device)
             _, sums, out = forward_loss(engine, batch, self.cfg)
             _add(totals, sums)
-            selected = torch.cat([out.chosen_selected.flatten(), out.rejected_selected.flatten()]).cpu()
+            real = batch.weights.bool().unsqueeze(1).cpu()
+            selected = torch.cat([(out.chosen_selected.cpu() & real).flatten(), (out.rejected_selected.cpu() & real).flatten()])
             if self.previous_masks is not None:
                 before = self.previous_masks[micro]
-                overlap_sum += float((selected & before).sum()) / max(float((selected | before).sum()), 1.0)
-                overlap_count += 1
+                overlap += torch.tensor([float((selected & before).sum()), float((selected | before).sum())])
             masks.append(selected)
         engine.train()
         metrics = reduce_metrics(totals, engine.device)
-        if overlap_count:
-            metrics["mask_overlap"] = overlap_sum / overlap_count
-        self.previous_masks = masks
+        if self.previous_masks is not None:
+            import deepspeed.comm as dist
+
+            overlap = overlap.to(engine.device)
+            dist.all_reduce(overlap)
+            metrics["mask_overlap"] = float(overlap[0] / overlap[1].clamp(min=1.0))
+        # A mask taken while every score ties (the policy still equals the reference) selects
+        # everything; overlap with it would only restate the selected fraction.
+        all_tied = metrics["selected_fraction/chosen"] == 1.0 and metrics["selected_fraction/rejected"] == 1.0
+        self.previous_masks = None if all_tied else masks
         return {f"eval/{k}": v for k, v in metrics.items() if k not in ("tokens",)}
 
 
 # ---------------------------------------------------------------------------- checkpoints and logs
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a line cut short by a kill mid-write."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
 
 
 class RunFiles:
@@ -308,7 +331,7 @@ class RunFiles:
         if self.metrics_path.exists():
             # Rows logged after the checkpoint we resume from will be produced again.
             kept = [line for line in self.metrics_path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= resume_step]
+                    if (step := _logged_step(line)) is not None and step <= resume_step]
             tmp = self.metrics_path.with_name(".metrics.jsonl.tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.metrics_path)
@@ -346,18 +369,33 @@ def save_checkpoint(engine: Any, files: RunFiles, step: int, position: StreamPos
         tmp.write_text(tag + "\n")
         os.replace(tmp, files.checkpoints / "latest")
         tags = sorted((p for p in files.checkpoints.glob("step-*") if p.is_dir()), key=lambda p: int(p.name[5:]))
-        for old in tags[:-cfg.keep_checkpoints]:
+        # Later steps than this one are leftovers of a killed run (never pointed to by `latest`).
+        leftovers = [p for p in tags if int(p.name[5:]) > step]
+        kept = [p for p in tags if int(p.name[5:]) <= step]
+        for old in leftovers + kept[:-cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
 
 
-def load_checkpoint(engine: Any, files: RunFiles) -> tuple[int, StreamPosition]:
+# Settings a resumed run must share with its checkpoint: they fix the row order and the loss.
+RESUME_INVARIANTS = ("cache", "anchor_scores", "global_batch_size", "seed", "shuffle_window", "top_k", "beta",
+                     "label_smoothing", "max_steps", "epochs")
+
+
+def load_checkpoint(engine: Any, files: RunFiles, cfg: TrainConfig) -> tuple[int, StreamPosition]:
     import deepspeed.comm as dist
 
     tag = files.latest_checkpoint()
-    if tag is None:
-        raise CacheError(f"{files.output}: --resume but no complete checkpoint is there")
     _, client = engine.load_checkpoint(str(files.checkpoints), tag=tag)
+    if client is None:
+        raise CacheError(f"{files.checkpoints / tag}: DeepSpeed could not load this checkpoint; delete it and "
+                         f"point {files.checkpoints / 'latest'} at an earlier one")
+    saved = client["config"]
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_INVARIANTS
+               if saved.get(k) != getattr(cfg, k)]
+    if changed:
+        raise ConfigError(f"--resume with settings that differ from the checkpoint's ({', '.join(changed)}); "
+                          f"resume with the original settings or start a new --output")
     rng = files.checkpoints / tag / f"rng-rank{dist.get_rank()}.pt"
     if rng.exists():
         states = torch.load(rng, weights_only=False)
@@ -417,6 +455,11 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     caches = validate_caches(cfg, tokenizer)
     ds_config = deepspeed_config(cfg, world_size)
     gas = ds_config["gradient_accumulation_steps"]
+    train_dtype = "bfloat16" if ds_config["bf16"]["enabled"] else "float32"
+    if rank == 0 and caches.train["reference"]["dtype"] != train_dtype:
+        # At step 0 p - r is then precision noise, and top-k picks its extremes: a biased margin.
+        warnings.warn(f"the cache was scored in {caches.train['reference']['dtype']} but the policy trains in "
+                      f"{train_dtype}; alignment scores start as precision noise. Score in the training precision.")
     stream = CacheStream(cfg.cache, caches.train, rank=rank, world_size=world_size,
                          global_batch_size=cfg.global_batch_size, seed=cfg.seed, shuffle_window=cfg.shuffle_window,
                          anchor=(cfg.anchor_scores, caches.anchor) if caches.anchor else None)
@@ -430,7 +473,12 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         model=wrapper, model_parameters=[p for p in wrapper.parameters() if p.requires_grad], config=copy.deepcopy(ds_config),
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, total_steps)),
     )
-    step, position = load_checkpoint(engine, files) if cfg.resume and files.latest_checkpoint() else (0, StreamPosition())
+    if cfg.resume and files.latest_checkpoint():
+        step, position = load_checkpoint(engine, files, cfg)
+    else:
+        if cfg.resume and rank == 0:
+            print(f"--resume: no checkpoint in {files.checkpoints}, starting fresh", flush=True)
+        step, position = 0, StreamPosition()
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         write_json_atomic(output / "config.json", {"train": to_dict(cfg), "deepspeed": ds_config, "world_size": world_size,
@@ -438,8 +486,10 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     files.open_logs(step)
     evaluator = Evaluator(cfg.eval_cache, caches.eval, rank, world_size, cfg, pad_id) if caches.eval else None
     first_eval = last_eval = None
+    last_eval_step = None
     if evaluator is not None and step == 0:
         first_eval = last_eval = evaluator(engine)
+        last_eval_step = 0
         files.log(0, first_eval)
 
     batches = stream.batches(position)
@@ -449,14 +499,15 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     while step < total_steps:
         step_started = time.perf_counter()
         position, rows = next(batches)
-        share = cfg.micro_batch_size
+        size = cfg.micro_batch_size
         sums: dict[str, torch.Tensor] = {}
         for micro in range(gas):
-            batch = collate_pairs(rows[micro * share:(micro + 1) * share], pad_id).to(engine.device)
+            batch = collate_pairs(rows[micro * size:(micro + 1) * size], pad_id).to(engine.device)
             loss, micro_sums, _ = forward_loss(engine, batch, cfg)
             engine.backward(loss)
             if micro == gas - 1:
                 grad_norm = _grad_norm_before_step(engine)
+                lr = engine.get_lr()[0]  # the rate this step applies (the scheduler moves on in step())
             engine.step()
             _add(sums, micro_sums)
         step += 1
@@ -465,7 +516,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         grad_norm = engine.get_global_grad_norm() if grad_norm is None else grad_norm
         step_metrics = {
             **{k: v for k, v in metrics.items() if k not in ("pairs", "tokens")},
-            "lr": engine.get_lr()[0],
+            "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_second": metrics["tokens"] / elapsed, "pairs_per_second": metrics["pairs"] / elapsed,
             "epoch": position.epoch,
@@ -478,14 +529,14 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             save_checkpoint(engine, files, step, position, cfg)
         if evaluator is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-            last_eval = evaluator(engine)
+            last_eval, last_eval_step = evaluator(engine), step
             files.log(step, last_eval)
     bar.close()
     elapsed = time.perf_counter() - started
 
     if files.latest_checkpoint() != f"step-{step}":
         save_checkpoint(engine, files, step, position, cfg)
-    if evaluator is not None and (last_eval is None or cfg.eval_every == 0 or step % cfg.eval_every):
+    if evaluator is not None and last_eval_step != step:
         last_eval = evaluator(engine)
         files.log(step, last_eval)
     if cfg.save_model:

@@ -62,6 +62,8 @@ def test_loss_falls_and_eval_preference_accuracy_rises(tmp_path, demo_caches, mo
     assert late < early - 0.02
     before, after = summary["eval_before"]["eval/preference_accuracy"], summary["eval_after"]["eval/preference_accuracy"]
     assert before == 0.5 and after > 0.65
+    assert per_step(tmp_path / "run", "eval/preference_accuracy")[64] == after  # evaluated at the last step
+    assert sorted(per_step(tmp_path / "run", "eval/loss")) == [0, 32, 64]
     step = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])
     for key in ("step", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                 "selected_fraction/chosen", "selected_fraction/rejected", "lr", "grad_norm", "tokens_per_second"):
@@ -123,6 +125,11 @@ def test_killed_run_resumes_with_the_losses_of_an_uninterrupted_one(tmp_path, de
     assert process.returncode == -signal.SIGKILL, "the kill must land mid-run"
     killed_at = int(latest.read_text().strip()[5:])
     assert 14 <= killed_at < 192
+    with open(tmp_path / "killed" / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 999, "loss": 0.')  # what a kill in the middle of a write leaves
+    changed = train(demo_caches["train"], models["policy"], tmp_path / "killed", *settings[:-3], "--save-every", "7",
+                    "--seed", "1", "--no-save-model", "--resume", check=False)
+    assert changed.returncode == 2 and "--seed 0 -> 1" in changed.stderr
     train(demo_caches["train"], models["policy"], tmp_path / "killed", *settings, "--resume")
     clean, resumed = per_step(tmp_path / "clean"), per_step(tmp_path / "killed")
     assert sorted(resumed) == sorted(clean) == list(range(1, 193))  # no step logged twice or lost
@@ -130,11 +137,21 @@ def test_killed_run_resumes_with_the_losses_of_an_uninterrupted_one(tmp_path, de
         assert resumed[step] == pytest.approx(clean[step], abs=1e-6), step
 
 
-def test_anchor_cache_equal_to_the_scoring_cache_changes_nothing(tmp_path, demo_caches, models):
+def test_anchor_cache_moves_the_rewards_but_not_the_mask(tmp_path, demo_caches, models, score_config):
     common = ("--max-steps", "2", "--global-batch-size", "8", "--micro-batch-size", "8", "--learning-rate", "1e-3", "--no-save-model")
     train(demo_caches["train"], models["policy"], tmp_path / "plain", *common)
-    train(demo_caches["train"], models["policy"], tmp_path / "anchored", *common, "--anchor-scores", demo_caches["train"])
-    assert per_step(tmp_path / "plain") == per_step(tmp_path / "anchored")
+    train(demo_caches["train"], models["policy"], tmp_path / "same", *common, "--anchor-scores", demo_caches["train"])
+    assert per_step(tmp_path / "plain") == per_step(tmp_path / "same")
+    # An anchor scored by another model (same tokenizer, same rows): the scoring cache still
+    # picks the tokens, the anchor's log-probs set the rewards.
+    rows = demo.generate_pairs(512, 1, "train")
+    other = tmp_path / "other-anchor"
+    run_score_ref(score_config(write_jsonl(tmp_path / "rows.jsonl", rows), other, model=str(models["other"]),
+                               shard_size=128, row_group_size=32))
+    train(demo_caches["train"], models["policy"], tmp_path / "other", *common, "--anchor-scores", other)
+    for key in ("selected_fraction/chosen", "selected_fraction/rejected"):
+        assert per_step(tmp_path / "other", key)[1] == per_step(tmp_path / "plain", key)[1]
+    assert per_step(tmp_path / "other", "rewards/chosen")[1] != per_step(tmp_path / "plain", "rewards/chosen")[1]
 
 
 def refused(result, *fragments, code=2):
