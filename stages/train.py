@@ -36,7 +36,7 @@ import torch
 from selpipe.pipeline.batching import PairBatch, collate_pairs
 from selpipe.pipeline.cache import CacheError, check_tokenizer, load_manifest, read_rows, verify_checksums, write_json_atomic
 from selpipe.pipeline.config import ConfigError, TrainConfig, to_dict
-from selpipe.pipeline.logprobs import completion_logprobs, to_padded
+from selpipe.pipeline.logprobs import check_output_head, completion_logprobs, to_padded
 from selpipe.pipeline.loss import selective_dpo_loss
 from selpipe.pipeline.stream import CacheStream, StreamPosition, eval_shards
 from selpipe.pipeline.tokenization import tokenizer_fingerprint
@@ -168,6 +168,8 @@ def load_policy(cfg: TrainConfig, ds_config: dict[str, Any]):
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
     model = AutoModelForCausalLM.from_pretrained(cfg.policy, dtype=dtype)
     model.config.use_cache = False
+    if keep_alive is None:  # (under ZeRO-3 the parameters are already partitioned: no forward outside the engine)
+        check_output_head(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, keep_alive

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from selpipe.pipeline.logprobs import completion_logprobs, completion_target_mask, pad_sequences, to_padded
+from selpipe.pipeline.logprobs import check_output_head, completion_logprobs, completion_target_mask, pad_sequences, to_padded
 
 
 def naive(model, sequences, prompt_lengths):
@@ -59,3 +59,56 @@ def test_position_zero_cannot_be_a_target(model):
     input_ids, attention_mask = pad_sequences([[4, 5]])
     with pytest.raises(ValueError, match="position 0"):
         completion_logprobs(model, input_ids, attention_mask, torch.tensor([[True, True]]))
+
+
+def tiny(config_class, **transform):
+    """A two-layer model of an architecture that transforms its logits after the head."""
+    import transformers
+
+    config = getattr(transformers, config_class)(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, **transform)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("config_class, transform", [
+    ("Gemma2Config", {"final_logit_softcapping": 2.0}),  # tanh soft-cap
+    ("CohereConfig", {"logit_scale": 3.0}),  # logits x 3
+    ("GraniteConfig", {"logits_scaling": 4.0}),  # logits / 4
+])
+def test_heads_that_scale_or_cap_their_logits_are_reproduced(config_class, transform):
+    model = tiny(config_class, **transform)
+    sequences, prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]], [3, 1]
+    input_ids, attention_mask = pad_sequences(sequences)
+    target = completion_target_mask(prompts, [4, 2], input_ids.shape[1])
+    with torch.no_grad():
+        fast = completion_logprobs(model, input_ids, attention_mask, target, chunk_size=3)
+        slow = naive(model, sequences, prompts)
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-5)
+    check_output_head(model)
+
+
+def test_a_head_transform_selpipe_does_not_know_is_refused(model):
+    class Doubled(torch.nn.Module):
+        """Logits x 2 inside forward, where `output_head` cannot see it."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config, self.base_model_prefix = inner, inner.config, "inner"
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+        @property
+        def base_model(self):
+            return self.inner.model
+
+        def forward(self, **kwargs):
+            out = self.inner(**kwargs)
+            out.logits = out.logits * 2
+            return out
+
+    check_output_head(model)
+    with pytest.raises(ValueError, match="does not reproduce"):
+        check_output_head(Doubled(model))

@@ -1,3 +1,7 @@
+import pytest
+
+from ..conftest import demo, write_jsonl
+from selpipe.stages.score_ref import run_score_ref
 from selpipe.pipeline.cache import load_manifest
 from selpipe.pipeline.stream import CacheStream, StreamPosition, eval_shards
 
@@ -55,3 +59,30 @@ def test_eval_shards_cover_every_row_with_equal_micro_batch_counts():
         covered += mine
         assert micro_batches == 2
     assert covered == list(range(10))
+
+
+@pytest.fixture(scope="module")
+def uneven_cache(tmp_path_factory, score_config):
+    """100 rows in shards of 16 (the last holds 4) cut into row groups of 5, 5, 5 and 1."""
+    root = tmp_path_factory.mktemp("uneven")
+    rows = write_jsonl(root / "rows.jsonl", demo.generate_pairs(100, seed=9, id_prefix="u"))
+    run_score_ref(score_config(rows, root / "cache", shard_size=16, row_group_size=5))
+    return root / "cache"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_uneven_row_groups_on_several_ranks_resume_across_an_epoch_boundary(uneven_cache, world):
+    """Global batch 6: 16 batches an epoch (96 of 100 rows, 4 dropped). Every rank resumed after
+    step 14 must go on, into epoch 1, with exactly the rows of its uninterrupted run; the ranks'
+    slices of each step joined give the single-process batch."""
+    groups = [rows for _, _, rows in make(uneven_cache, batch=6, window=4).row_groups]
+    assert sorted(set(groups)) == [1, 4, 5]
+    single = take(make(uneven_cache, batch=6, window=4), StreamPosition(), 24)
+    for rank in range(world):
+        uninterrupted = take(make(uneven_cache, rank, world, batch=6, window=4), StreamPosition(), 24)
+        resumed = take(make(uneven_cache, rank, world, batch=6, window=4), uninterrupted[13][0], 10)
+        assert [ids(r) for _, r in resumed] == [ids(r) for _, r in uninterrupted[14:]]
+        for step in range(24):
+            share = 6 // world
+            assert ids(uninterrupted[step][1]) == ids(single[step][1])[rank * share:(rank + 1) * share]
+    assert single[15][0] == StreamPosition(0, 96) and single[16][0] == StreamPosition(1, 6)

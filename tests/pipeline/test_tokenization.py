@@ -2,7 +2,7 @@ import pytest
 
 from selpipe.pipeline.formats import BadRowError, RawRow
 from selpipe.pipeline.tokenization import (
-    TokenizationSettings, fingerprint_differences, tokenize_pair, tokenizer_fingerprint,
+    TokenizationSettings, fingerprint_differences, tokenize_pair, tokenizer_fingerprint, truncate_pair,
 )
 
 SETTINGS = TokenizationSettings(max_length=64, max_prompt_length=32)
@@ -44,3 +44,12 @@ def test_fingerprint_names_the_part_that_differs(tokenizer):
     changed.chat_template = "{{ messages }}"
     assert fingerprint_differences(tokenizer_fingerprint(tokenizer), tokenizer_fingerprint(changed)) == ["chat_template"]
     assert fingerprint_differences(tokenizer_fingerprint(tokenizer), tokenizer_fingerprint(tokenizer)) == []
+
+
+def test_truncation_keeps_a_leading_bos():
+    """Prompt [BOS=1, 2..9] cut to 4 tokens keeps BOS and the last 3: [1, 7, 8, 9]; the room left for
+    completions is 6 - 4 = 2 tokens."""
+    settings = TokenizationSettings(max_length=6, max_prompt_length=4)
+    pair = truncate_pair("b", [1, 2, 3, 4, 5, 6, 7, 8, 9], [20, 21, 22], [30], settings, keep_head=1)
+    assert pair.prompt_ids == [1, 7, 8, 9] and pair.chosen_ids == [20, 21] and pair.rejected_ids == [30]
+    assert truncate_pair("b", [1, 2, 3, 4, 5], [20], [30], settings).prompt_ids == [2, 3, 4, 5]
