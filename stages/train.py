@@ -27,7 +27,7 @@ import shutil
 import socket
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -356,11 +356,22 @@ class RunFiles:
             self.tensorboard.close()
 
 
-def save_checkpoint(engine: Any, files: RunFiles, step: int, position: StreamPosition, cfg: TrainConfig) -> None:
+@dataclass
+class RunHistory:
+    """What the summary reports, carried through checkpoints so a resumed run reports it too."""
+
+    first_eval: dict[str, float] | None = None
+    last_eval: dict[str, float] | None = None
+    last_eval_step: int | None = None
+    last_step_metrics: dict[str, Any] | None = None
+
+
+def save_checkpoint(engine: Any, files: RunFiles, step: int, position: StreamPosition, cfg: TrainConfig,
+                    history: RunHistory) -> None:
     import deepspeed.comm as dist
 
     tag = f"step-{step}"
-    client = {"step": step, "position": position.to_json(), "config": to_dict(cfg)}
+    client = {"step": step, "position": position.to_json(), "config": to_dict(cfg), "history": asdict(history)}
     engine.save_checkpoint(str(files.checkpoints), tag=tag, client_state=client, save_latest=False)
     torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                files.checkpoints / tag / f"rng-rank{dist.get_rank()}.pt")
@@ -384,7 +395,7 @@ RESUME_INVARIANTS = ("cache", "anchor_scores", "global_batch_size", "seed", "shu
                      "label_smoothing", "max_steps", "epochs")
 
 
-def load_checkpoint(engine: Any, files: RunFiles, cfg: TrainConfig) -> tuple[int, StreamPosition]:
+def load_checkpoint(engine: Any, files: RunFiles, cfg: TrainConfig) -> tuple[int, StreamPosition, RunHistory]:
     import deepspeed.comm as dist
 
     tag = files.latest_checkpoint()
@@ -404,7 +415,7 @@ def load_checkpoint(engine: Any, files: RunFiles, cfg: TrainConfig) -> tuple[int
         torch.set_rng_state(states["cpu"])
         if states["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(states["cuda"])
-    return client["step"], StreamPosition(**client["position"])
+    return client["step"], StreamPosition(**client["position"]), RunHistory(**client.get("history", {}))
 
 
 def save_final_model(engine: Any, model: Any, tokenizer: Any, directory: Path, rank: int) -> None:
@@ -476,27 +487,30 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, total_steps)),
     )
     if cfg.resume and files.latest_checkpoint():
-        step, position = load_checkpoint(engine, files, cfg)
+        step, position, history = load_checkpoint(engine, files, cfg)
     else:
         if cfg.resume and rank == 0:
             print(f"--resume: no checkpoint in {files.checkpoints}, starting fresh", flush=True)
-        step, position = 0, StreamPosition()
+        step, position, history = 0, StreamPosition(), RunHistory()
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         write_json_atomic(output / "config.json", {"train": to_dict(cfg), "deepspeed": ds_config, "world_size": world_size,
                                                    "total_steps": total_steps, "cache_rows": stream.total_rows})
     files.open_logs(step)
     evaluator = Evaluator(cfg.eval_cache, caches.eval, rank, world_size, cfg, pad_id) if caches.eval else None
-    first_eval = last_eval = None
-    last_eval_step = None
+
+    def evaluate(at_step: int) -> None:
+        history.last_eval, history.last_eval_step = evaluator(engine), at_step
+        if at_step == 0:
+            history.first_eval = history.last_eval
+        files.log(at_step, history.last_eval)
+
     if evaluator is not None and step == 0:
-        first_eval = last_eval = evaluator(engine)
-        last_eval_step = 0
-        files.log(0, first_eval)
+        evaluate(0)
 
     batches = stream.batches(position)
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=not (cfg.progress and rank == 0), dynamic_ncols=True)
-    started, step_metrics = time.perf_counter(), {}
+    started = time.perf_counter()
     first_step = step
     while step < total_steps:
         step_started = time.perf_counter()
@@ -516,7 +530,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         metrics = reduce_metrics(sums, engine.device)
         elapsed = time.perf_counter() - step_started
         grad_norm = engine.get_global_grad_norm() if grad_norm is None else grad_norm
-        step_metrics = {
+        history.last_step_metrics = step_metrics = {
             **{k: v for k, v in metrics.items() if k not in ("pairs", "tokens")},
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -528,31 +542,31 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", margin=f"{metrics['rewards/margins']:.4f}",
                         pairs_s=f"{step_metrics['pairs_per_second']:.1f}")
-        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-            save_checkpoint(engine, files, step, position, cfg)
+        # Evaluate before checkpointing, so a checkpoint at step N holds the eval of step N.
         if evaluator is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-            last_eval, last_eval_step = evaluator(engine), step
-            files.log(step, last_eval)
+            evaluate(step)
+        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+            save_checkpoint(engine, files, step, position, cfg, history)
     bar.close()
     elapsed = time.perf_counter() - started
 
+    if evaluator is not None and history.last_eval_step != step:
+        evaluate(step)
     if files.latest_checkpoint() != f"step-{step}":
-        save_checkpoint(engine, files, step, position, cfg)
-    if evaluator is not None and last_eval_step != step:
-        last_eval = evaluator(engine)
-        files.log(step, last_eval)
-    if cfg.save_model:
+        save_checkpoint(engine, files, step, position, cfg, history)
+    # A rerun of a finished run trains nothing; its model is already there, unless the kill came before it was.
+    if cfg.save_model and (step > first_step or not (output / "model").exists()):
         save_final_model(engine, model, tokenizer, output / "model", rank)
     files.close()
     teardown(engine)
     summary = {
         "output": str(output), "steps": step, "steps_this_run": step - first_step, "world_size": world_size,
-        "seconds": round(elapsed, 2), "final": step_metrics,
+        "seconds": round(elapsed, 2), "final": history.last_step_metrics or {},
     }
-    if first_eval is not None:
-        summary["eval_before"] = first_eval
-    if last_eval is not None:
-        summary["eval_after"] = last_eval
+    if history.first_eval is not None:
+        summary["eval_before"] = history.first_eval
+    if history.last_eval is not None:
+        summary["eval_after"] = history.last_eval
     if rank == 0:
         write_json_atomic(output / "summary.json", summary)
     return summary

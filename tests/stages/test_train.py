@@ -51,9 +51,10 @@ def test_loss_falls_and_eval_preference_accuracy_rises(tmp_path, demo_caches, mo
     """The demo's own settings. Step 1 sees policy == reference (loss ln 2, all scores tied, every
     token selected); the mask then picks the tokens the policy gets most wrong, so the loss first
     rises above ln 2 and then falls as training fixes them."""
-    train(demo_caches["train"], models["policy"], tmp_path / "run", "--eval-cache", demo_caches["eval"],
-          "--top-k", "0.4", "--beta", "0.1", "--learning-rate", "3e-4", "--warmup-steps", "4", "--epochs", "2",
-          "--global-batch-size", "16", "--micro-batch-size", "8", "--eval-every", "32")
+    settings = ("--eval-cache", demo_caches["eval"], "--top-k", "0.4", "--beta", "0.1", "--learning-rate", "3e-4",
+                "--warmup-steps", "4", "--epochs", "2", "--global-batch-size", "16", "--micro-batch-size", "8",
+                "--eval-every", "32")
+    train(demo_caches["train"], models["policy"], tmp_path / "run", *settings)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     losses = per_step(tmp_path / "run")
     assert len(losses) == 64 and abs(losses[1] - 0.6931472) < 1e-6
@@ -78,6 +79,16 @@ def test_loss_falls_and_eval_preference_accuracy_rises(tmp_path, demo_caches, mo
     assert AutoTokenizer.from_pretrained(tmp_path / "run" / "model").eos_token == "<|im_end|>"
     start = AutoModelForCausalLM.from_pretrained(models["policy"])
     assert any((a - b).abs().max() > 0 for a, b in zip(model.parameters(), start.parameters()))
+
+    # Rerunning a finished run with --resume redoes nothing and reports the same thing.
+    metrics, weights = (tmp_path / "run" / "metrics.jsonl").read_text(), next((tmp_path / "run" / "model").glob("*.safetensors"))
+    written = weights.stat().st_mtime_ns
+    train(demo_caches["train"], models["policy"], tmp_path / "run", *settings, "--resume")
+    rerun = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics and weights.stat().st_mtime_ns == written
+    assert rerun["steps_this_run"] == 0
+    for key in ("eval_before", "eval_after", "final"):
+        assert rerun[key] == summary[key], key
 
 
 SAME_BATCH = ("--max-steps", "4", "--global-batch-size", "8", "--micro-batch-size", "2", "--learning-rate", "1e-3",
