@@ -133,7 +133,7 @@ def main() -> None:
                 "threads": THREADS}
     path = write_results("cache_size", settings, rows, started)
     print(f"{totals['rows']} pairs, {completion:,} completion tokens ({completion / totals['rows'] / 2:.0f} per response), "
-          f"{totals['prompt_tokens']:,} prompt tokens (counted per side); scored by a {parameter_count(MODEL):,}-parameter "
+          f"{totals['prompt_tokens']:,} prompt tokens; scored by a {parameter_count(MODEL):,}-parameter "
           f"model, vocab {MODEL.vocab}")
     print_table([r for r in rows if r["kind"] == "size"], ["format", "bytes", "bytes_per_completion_token", "ratio_to_selpipe"],
                 "cache size on disk")

@@ -26,6 +26,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 EXPECTED_ERRORS = (ConfigError, CacheError, InputError, BadRowError)
 
 
+@app.callback()
+def main(local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True)) -> None:
+    """DeepSpeed's launcher passes `--local_rank=N` before the command; the rank is read from
+    LOCAL_RANK, which every launcher sets, so the flag is accepted and ignored."""
+
+
 def _print_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
 

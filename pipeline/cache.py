@@ -141,7 +141,7 @@ def write_shard(directory: Path, worker: int, index: int, pairs: list[ScoredPair
     record = ShardRecord(
         file=name, worker=worker, index=index, rows=len(pairs), bytes=tmp.stat().st_size,
         sha256=file_sha256(tmp),
-        prompt_tokens=sum(len(p.prompt_ids) for p in pairs) * 2,
+        prompt_tokens=sum(len(p.prompt_ids) for p in pairs),
         completion_tokens=sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs),
         truncated=truncated, skipped=skipped,
     )
@@ -224,6 +224,11 @@ def verify_checksums(directory: str | Path, manifest: dict[str, Any]) -> None:
             raise CacheError(f"{path}: shard listed in the manifest is missing")
         if path.stat().st_size != shard["bytes"] or file_sha256(path) != shard["sha256"]:
             raise CacheError(f"{path}: checksum mismatch (the shard was truncated or altered); rescore it or restore the file")
+
+
+def cache_identity(manifest: dict[str, Any]) -> str:
+    """A digest of the cache's content (its shards' checksums in order), whatever path it is reached by."""
+    return hashlib.sha256("".join(shard["sha256"] for shard in manifest["shards"]).encode()).hexdigest()
 
 
 def check_tokenizer(directory: str | Path, manifest: dict[str, Any], fingerprint: dict[str, str]) -> None:

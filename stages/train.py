@@ -34,7 +34,9 @@ from typing import Any
 import torch
 
 from selpipe.pipeline.batching import PairBatch, collate_pairs
-from selpipe.pipeline.cache import CacheError, check_tokenizer, load_manifest, read_rows, verify_checksums, write_json_atomic
+from selpipe.pipeline.cache import (
+    CacheError, cache_identity, check_tokenizer, iter_row_groups, load_manifest, read_rows, verify_checksums, write_json_atomic,
+)
 from selpipe.pipeline.config import ConfigError, TrainConfig, to_dict
 from selpipe.pipeline.logprobs import check_output_head, completion_logprobs, to_padded
 from selpipe.pipeline.loss import selective_dpo_loss
@@ -60,7 +62,7 @@ class PolicyLogprobs(torch.nn.Module):
 # ---------------------------------------------------------------------------- setup
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -70,7 +72,7 @@ def ensure_distributed_env() -> None:
     """A single process started without a launcher runs as rank 0 of 1 (else DeepSpeed looks for MPI)."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
 
 
 def use_bf16(precision: str) -> bool:
@@ -138,6 +140,9 @@ def validate_caches(cfg: TrainConfig, tokenizer: Any) -> Caches:
         verify_checksums(path, manifest)
         check_tokenizer(path, manifest, fingerprint)
         loaded[name] = manifest
+    if loaded["eval"] is not None and loaded["eval"]["totals"]["rows"] == 0:
+        raise CacheError(f"{cfg.eval_cache}: the eval cache holds no rows (see `selpipe inspect` for why); "
+                         f"drop --eval-cache or rescore it")
     if loaded["anchor"] is not None:
         _check_anchor(cfg, loaded["train"], loaded["anchor"])
     return Caches(**loaded)
@@ -147,10 +152,11 @@ def _check_anchor(cfg: TrainConfig, train: dict[str, Any], anchor: dict[str, Any
     if train["tokenization"] != anchor["tokenization"]:
         raise CacheError(f"{cfg.anchor_scores}: the anchor cache was tokenized with {anchor['tokenization']}, "
                          f"{cfg.cache} with {train['tokenization']}; score both with the same limits")
-    layout = [(s["file"], s["rows"]) for s in train["shards"]]
-    if layout != [(s["file"], s["rows"]) for s in anchor["shards"]]:
-        raise CacheError(f"{cfg.anchor_scores}: the anchor cache's shards differ from {cfg.cache}'s; score the anchor "
-                         f"from the same input with the same --num-workers, --shard-size and limits")
+    # The stream reads the anchor row group by row group beside the scoring cache's.
+    if list(iter_row_groups(cfg.cache, train)) != list(iter_row_groups(cfg.anchor_scores, anchor)):
+        raise CacheError(f"{cfg.anchor_scores}: the anchor cache's shards or row groups differ from {cfg.cache}'s; "
+                         f"score the anchor from the same input with the same --num-workers, --shard-size, "
+                         f"--row-group-size and limits")
     train_ids = [r["id"] for r in read_rows(cfg.cache, train, columns=["id"])]
     anchor_ids = [r["id"] for r in read_rows(cfg.anchor_scores, anchor, columns=["id"])]
     if train_ids != anchor_ids:
@@ -367,11 +373,12 @@ class RunHistory:
 
 
 def save_checkpoint(engine: Any, files: RunFiles, step: int, position: StreamPosition, cfg: TrainConfig,
-                    history: RunHistory) -> None:
+                    history: RunHistory, identity: dict[str, str | None]) -> None:
     import deepspeed.comm as dist
 
     tag = f"step-{step}"
-    client = {"step": step, "position": position.to_json(), "config": to_dict(cfg), "history": asdict(history)}
+    client = {"step": step, "position": position.to_json(), "config": to_dict(cfg), "history": asdict(history),
+              "identity": identity}
     engine.save_checkpoint(str(files.checkpoints), tag=tag, client_state=client, save_latest=False)
     torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                files.checkpoints / tag / f"rng-rank{dist.get_rank()}.pt")
@@ -390,12 +397,15 @@ def save_checkpoint(engine: Any, files: RunFiles, step: int, position: StreamPos
     dist.barrier()
 
 
-# Settings a resumed run must share with its checkpoint: they fix the row order and the loss.
-RESUME_INVARIANTS = ("cache", "anchor_scores", "global_batch_size", "seed", "shuffle_window", "top_k", "beta",
-                     "label_smoothing", "max_steps", "epochs")
+# Settings a resumed run must share with its checkpoint: they fix the row order, the loss and the
+# optimizer (whose learning rate, betas and weight decay the checkpoint restores over any new value).
+# The caches are compared by content, not path: the same cache may be mounted elsewhere.
+RESUME_INVARIANTS = ("global_batch_size", "seed", "shuffle_window", "top_k", "beta", "label_smoothing", "max_steps",
+                     "epochs", "learning_rate", "min_lr_ratio", "schedule", "warmup_steps", "weight_decay", "adam_betas")
 
 
-def load_checkpoint(engine: Any, files: RunFiles, cfg: TrainConfig) -> tuple[int, StreamPosition, RunHistory]:
+def load_checkpoint(engine: Any, files: RunFiles, cfg: TrainConfig, identity: dict[str, str | None]
+                    ) -> tuple[int, StreamPosition, RunHistory]:
     import deepspeed.comm as dist
 
     tag = files.latest_checkpoint()
@@ -406,6 +416,8 @@ def load_checkpoint(engine: Any, files: RunFiles, cfg: TrainConfig) -> tuple[int
     saved = client["config"]
     changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_INVARIANTS
                if saved.get(k) != getattr(cfg, k)]
+    changed += [f"--{name.replace('_', '-')} holds other scores than the checkpoint's" for name in identity
+                if client["identity"][name] != identity[name]]
     if changed:
         raise ConfigError(f"--resume with settings that differ from the checkpoint's ({', '.join(changed)}); "
                           f"resume with the original settings or start a new --output")
@@ -477,6 +489,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
                          global_batch_size=cfg.global_batch_size, seed=cfg.seed, shuffle_window=cfg.shuffle_window,
                          anchor=(cfg.anchor_scores, caches.anchor) if caches.anchor else None)
     total_steps = cfg.max_steps or cfg.epochs * stream.batches_per_epoch
+    identity = {"cache": cache_identity(caches.train), "anchor_scores": caches.anchor and cache_identity(caches.anchor)}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     torch.manual_seed(cfg.seed)
@@ -487,7 +500,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, total_steps)),
     )
     if cfg.resume and files.latest_checkpoint():
-        step, position, history = load_checkpoint(engine, files, cfg)
+        step, position, history = load_checkpoint(engine, files, cfg, identity)
     else:
         if cfg.resume and rank == 0:
             print(f"--resume: no checkpoint in {files.checkpoints}, starting fresh", flush=True)
@@ -546,14 +559,14 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         if evaluator is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
             evaluate(step)
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-            save_checkpoint(engine, files, step, position, cfg, history)
+            save_checkpoint(engine, files, step, position, cfg, history, identity)
     bar.close()
     elapsed = time.perf_counter() - started
 
     if evaluator is not None and history.last_eval_step != step:
         evaluate(step)
     if files.latest_checkpoint() != f"step-{step}":
-        save_checkpoint(engine, files, step, position, cfg, history)
+        save_checkpoint(engine, files, step, position, cfg, history, identity)
     # A rerun of a finished run trains nothing; its model is already there, unless the kill came before it was.
     if cfg.save_model and (step > first_step or not (output / "model").exists()):
         save_final_model(engine, model, tokenizer, output / "model", rank)

@@ -12,6 +12,7 @@ import pytest
 
 from selpipe.pipeline.config import ConfigError, TrainConfig
 from selpipe.stages.score_ref import run_score_ref
+from selpipe.stages.train import free_port
 
 from ..conftest import BIN, REPO, demo, run_cli, write_jsonl
 
@@ -95,12 +96,17 @@ SAME_BATCH = ("--max-steps", "4", "--global-batch-size", "8", "--micro-batch-siz
               "--beta", "0.1", "--save-every", "0", "--no-save-model")
 
 
+def deepspeed_launcher(processes):
+    """DeepSpeed's own launcher, which passes `--local_rank=N` before the command."""
+    return (str(BIN / "deepspeed"), "--num_gpus", str(processes), "--master_port", str(free_port()))
+
+
 def test_two_processes_give_the_losses_of_one(tmp_path, demo_caches, models):
     train(demo_caches["train"], models["policy"], tmp_path / "one", *SAME_BATCH)
     expected = per_step(tmp_path / "one")
-    for stage in (2, 3):
+    for stage, launcher in ((2, deepspeed_launcher(2)), (3, torchrun(2))):
         train(demo_caches["train"], models["policy"], tmp_path / f"two-z{stage}", *SAME_BATCH, "--zero-stage", stage,
-              launcher=torchrun(2))
+              launcher=launcher)
         got = per_step(tmp_path / f"two-z{stage}")
         assert got.keys() == expected.keys()
         for step in expected:
@@ -138,10 +144,14 @@ def test_killed_run_resumes_with_the_losses_of_an_uninterrupted_one(tmp_path, de
     assert 14 <= killed_at < 192
     with open(tmp_path / "killed" / "metrics.jsonl", "a") as handle:
         handle.write('{"step": 999, "loss": 0.')  # what a kill in the middle of a write leaves
-    changed = train(demo_caches["train"], models["policy"], tmp_path / "killed", *settings[:-3], "--save-every", "7",
-                    "--seed", "1", "--no-save-model", "--resume", check=False)
-    assert changed.returncode == 2 and "--seed 0 -> 1" in changed.stderr
-    train(demo_caches["train"], models["policy"], tmp_path / "killed", *settings, "--resume")
+    refused(train(demo_caches["train"], models["policy"], tmp_path / "killed", *settings, "--seed", "1",
+                  "--learning-rate", "1e-3", "--resume", check=False), "--seed 0 -> 1", "--learning-rate 0.0005 -> 0.001")
+    refused(train(demo_caches["eval"], models["policy"], tmp_path / "killed", *settings, "--resume", check=False),
+            "--cache holds other scores than the checkpoint's")
+    # The same cache at another path (another mount) resumes: caches are compared by content.
+    moved = tmp_path / "moved-cache"
+    shutil.copytree(demo_caches["train"], moved)
+    train(moved, models["policy"], tmp_path / "killed", *settings, "--resume")
     clean, resumed = per_step(tmp_path / "clean"), per_step(tmp_path / "killed")
     assert sorted(resumed) == sorted(clean) == list(range(1, 193))  # no step logged twice or lost
     for step in range(killed_at + 1, 193):
@@ -193,9 +203,19 @@ def test_refusals_before_training(tmp_path, demo_caches, models, score_config):
     manifest = json.loads((future / "manifest.json").read_text())
     (future / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 7}))
     refused(train(future, models["policy"], tmp_path / "r3", *short, check=False), "schema version 7")
-    # An anchor cache of other rows.
+    # An anchor cache of other rows, and one of the same rows cut into other row groups.
     refused(train(demo_caches["train"], models["policy"], tmp_path / "r4", *short, "--anchor-scores",
                   demo_caches["eval"], check=False), "anchor cache")
+    regrouped = tmp_path / "regrouped"
+    run_score_ref(score_config(write_jsonl(tmp_path / "train.jsonl", demo.generate_pairs(512, 1, "train")), regrouped,
+                               shard_size=128, row_group_size=16))
+    refused(train(demo_caches["train"], models["policy"], tmp_path / "r4b", *short, "--anchor-scores", regrouped,
+                  check=False), "shards or row groups differ", "--row-group-size")
+    # An eval cache in which every row was skipped.
+    empty = tmp_path / "empty-eval"
+    run_score_ref(score_config(rows, empty, max_length=8, max_prompt_length=4, truncation="skip"))
+    refused(train(demo_caches["train"], models["policy"], tmp_path / "r4c", *short, "--eval-cache", empty, check=False),
+            "the eval cache holds no rows")
     # Impossible settings.
     refused(train(demo_caches["train"], models["policy"], tmp_path / "r5", "--top-k", "1.5", check=False), "--top-k must be in (0, 1]")
     refused(train(demo_caches["train"], models["policy"], tmp_path / "r6", "--top-k", "0", check=False), "--top-k must be in (0, 1]")
