@@ -40,6 +40,7 @@ from selpipe.pipeline.cache import (
 from selpipe.pipeline.config import ConfigError, TrainConfig, to_dict
 from selpipe.pipeline.logprobs import check_output_head, completion_logprobs, to_padded
 from selpipe.pipeline.loss import selective_dpo_loss
+from selpipe.pipeline.selection import quantile_threshold
 from selpipe.pipeline.stream import CacheStream, StreamPosition, eval_shards
 from selpipe.pipeline.tokenization import tokenizer_fingerprint
 
@@ -184,9 +185,12 @@ def load_policy(cfg: TrainConfig, ds_config: dict[str, Any]):
 # ---------------------------------------------------------------------------- the step
 
 
+# Quantiles of each response's alignment scores, logged as their mean over responses.
+SCORE_QUANTILES = {"q10": 0.1, "q50": 0.5, "q90": 0.9}
 SUM_KEYS = ("pairs", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "implicit/accuracies",
             "selected/chosen", "selected/rejected", "tokens/chosen", "tokens/rejected", "scores/chosen", "scores/rejected",
-            "threshold/chosen", "threshold/rejected", "tokens")
+            "threshold/chosen", "threshold/rejected", "tokens",
+            *(f"{name}/{side}" for name in SCORE_QUANTILES for side in ("chosen", "rejected")))
 
 
 def forward_loss(engine: Any, batch: PairBatch, cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any]:
@@ -219,6 +223,10 @@ def forward_loss(engine: Any, batch: PairBatch, cfg: TrainConfig) -> tuple[torch
             "threshold/chosen": (out.chosen_threshold * w).sum(), "threshold/rejected": (out.rejected_threshold * w).sum(),
             "tokens": batch.attention_mask.sum().float(),
         }
+        for name, q in SCORE_QUANTILES.items():
+            # The q-quantile is the threshold of top-k with k = 1 - q.
+            sums[f"{name}/chosen"] = (quantile_threshold(out.chosen_scores, mask[:pairs], 1 - q) * w).sum()
+            sums[f"{name}/rejected"] = (quantile_threshold(out.rejected_scores, mask[pairs:], 1 - q) * w).sum()
     return loss, sums, out
 
 
@@ -255,6 +263,7 @@ def reduce_metrics(sums: dict[str, torch.Tensor], device: torch.device) -> dict[
         # tau, the (1 - k) quantile of each response's scores, averaged over responses.
         "scores/chosen_threshold": total["threshold/chosen"] / pairs,
         "scores/rejected_threshold": total["threshold/rejected"] / pairs,
+        **{f"scores/{side}_{name}": total[f"{name}/{side}"] / pairs for name in SCORE_QUANTILES for side in ("chosen", "rejected")},
         "pairs": total["pairs"], "tokens": total["tokens"],
     }
 

@@ -71,6 +71,9 @@ def test_loss_falls_and_eval_preference_accuracy_rises(tmp_path, demo_caches, mo
                 "selected_fraction/chosen", "selected_fraction/rejected", "lr", "grad_norm", "tokens_per_second"):
         assert step[key] is not None, key
     assert 0.35 < per_step(tmp_path / "run", "selected_fraction/chosen")[64] < 0.6
+    for side in ("chosen", "rejected"):  # at k = 0.4, tau is each response's 0.6 quantile
+        q10, q50, tau, q90 = (per_step(tmp_path / "run", f"scores/{side}_{name}")[64] for name in ("q10", "q50", "threshold", "q90"))
+        assert q10 <= q50 <= tau <= q90
     assert any((tmp_path / "run" / "tensorboard").iterdir())
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["top_k"] == 0.4
 
