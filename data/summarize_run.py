@@ -14,7 +14,9 @@ if final:
 before, after = summary.get("eval_before"), summary.get("eval_after")
 if before and after:
     print(f"eval preference accuracy: {before['eval/preference_accuracy']:.3f} before -> {after['eval/preference_accuracy']:.3f} after")
-    print(f"eval loss: {before['eval/loss']:.4f} before -> {after['eval/loss']:.4f} after")
+    print(f"eval DPO loss, every token: {before['eval/dpo_loss']:.4f} before -> {after['eval/dpo_loss']:.4f} after")
+    print(f"eval Selective-DPO loss, selected tokens: {before['eval/loss']:.4f} before -> {after['eval/loss']:.4f} after "
+          f"(the mask picks the tokens the policy gets most wrong, so this need not fall)")
 elif after:
     print(f"eval preference accuracy: {after['eval/preference_accuracy']:.3f}")
 print(f"model: {summary['output']}/model   metrics: {summary['output']}/metrics.jsonl")

@@ -187,7 +187,7 @@ def load_policy(cfg: TrainConfig, ds_config: dict[str, Any]):
 
 # Quantiles of each response's alignment scores, logged as their mean over responses.
 SCORE_QUANTILES = {"q10": 0.1, "q50": 0.5, "q90": 0.9}
-SUM_KEYS = ("pairs", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "implicit/accuracies",
+SUM_KEYS = ("pairs", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "implicit/accuracies", "implicit/loss",
             "selected/chosen", "selected/rejected", "tokens/chosen", "tokens/rejected", "scores/chosen", "scores/rejected",
             "threshold/chosen", "threshold/rejected", "tokens",
             *(f"{name}/{side}" for name in SCORE_QUANTILES for side in ("chosen", "rejected")))
@@ -215,6 +215,8 @@ def forward_loss(engine: Any, batch: PairBatch, cfg: TrainConfig) -> tuple[torch
             "rewards/accuracies": ((out.chosen_rewards > out.rejected_rewards).float() * w).sum(),
             # A tie (the policy still equals the anchor) is a coin flip, not a loss.
             "implicit/accuracies": (((implicit_margin > 0).float() + 0.5 * (implicit_margin == 0).float()) * w).sum(),
+            # Plain DPO's loss on the same pairs: comparable across runs of different k, unlike `loss`.
+            "implicit/loss": (-torch.nn.functional.logsigmoid(cfg.beta * implicit_margin) * w).sum(),
             "selected/chosen": (out.chosen_selected.sum(1) * w).sum(),
             "selected/rejected": (out.rejected_selected.sum(1) * w).sum(),
             "tokens/chosen": (mask[:pairs].sum(1) * w).sum(), "tokens/rejected": (mask[pairs:].sum(1) * w).sum(),
@@ -256,6 +258,7 @@ def reduce_metrics(sums: dict[str, torch.Tensor], device: torch.device) -> dict[
         "rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
         "rewards/accuracies": total["rewards/accuracies"] / pairs,
         "preference_accuracy": total["implicit/accuracies"] / pairs,
+        "dpo_loss": total["implicit/loss"] / pairs,
         "selected_fraction/chosen": total["selected/chosen"] / max(total["tokens/chosen"], 1.0),
         "selected_fraction/rejected": total["selected/rejected"] / max(total["tokens/rejected"], 1.0),
         "scores/chosen_mean": total["scores/chosen"] / max(total["tokens/chosen"], 1.0),

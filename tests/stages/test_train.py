@@ -64,6 +64,8 @@ def test_loss_falls_and_eval_preference_accuracy_rises(tmp_path, demo_caches, mo
     assert late < early - 0.02
     before, after = summary["eval_before"]["eval/preference_accuracy"], summary["eval_after"]["eval/preference_accuracy"]
     assert before == 0.5 and after > 0.65
+    dpo_losses = per_step(tmp_path / "run", "eval/dpo_loss")  # every token counted: comparable across k
+    assert dpo_losses[0] == pytest.approx(0.6931472, abs=1e-6) and dpo_losses[64] < dpo_losses[0]
     assert per_step(tmp_path / "run", "eval/preference_accuracy")[64] == after  # evaluated at the last step
     assert sorted(per_step(tmp_path / "run", "eval/loss")) == [0, 32, 64]
     step = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])
