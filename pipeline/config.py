@@ -30,7 +30,8 @@ def setting(default: Any, help: str, *, identity: bool = False, cli: bool = True
     """A dataclass field with its help text.
 
     `identity` marks score-ref settings that change what lands in the cache: a rerun into an
-    existing cache must agree on all of them.
+    existing cache must agree on all of them. (The model and the input are not among them: they
+    are compared by content, since one may be mounted at another path.)
     """
     metadata = {"help": help, "identity": identity, "cli": cli}
     if isinstance(default, (list, dict)):
@@ -57,7 +58,7 @@ class ScoreConfig:
 
     input: str = setting("", "Preference data: .jsonl, .jsonl.zst, .parquet, or a directory saved by `datasets`.")
     output: str = setting("", "Cache directory to write (created if missing; a rerun resumes it).")
-    model: str = setting("", "Reference model: a local directory or a name your HF cache already holds.", identity=True)
+    model: str = setting("", "Reference model: a local directory or a name your HF cache already holds.")
     revision: str | None = setting(None, "Model revision to record and load (for hub-style caches).", identity=True)
     backend: Backend = setting("hf", "Scoring backend: `hf` (transformers) or `vllm`.", identity=True)
     dtype: DType = setting("float32", "Weights dtype of the reference; log-softmax is always fp32.", identity=True)

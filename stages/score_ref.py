@@ -46,11 +46,56 @@ def _record_key(source: str, record: Record) -> str:
         return f"#position:{record.position}"
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+SAMPLE_BYTES = 1 << 20
+
+
+def model_fingerprint(model: str, revision: str | None) -> str:
+    """A digest of a local model directory's config and weights, whatever path reaches it.
+
+    Weights are sampled, not read whole (a 70B checkpoint is 140 GB): each file's name and size
+    and 1 MiB at its start, middle and end. Two trainings of one architecture differ in every
+    sampled block, so swapped weights are caught. A hub-style name is identified by name and revision.
+    """
+    directory = Path(model)
+    if not directory.is_dir():
+        return hashlib.sha256(f"{model}@{revision}".encode()).hexdigest()
+    digest = hashlib.sha256()
+    for file in sorted(p for p in directory.iterdir() if p.name == "config.json" or p.name.endswith(WEIGHT_SUFFIXES)):
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with open(file, "rb") as handle:
+            for offset in sorted({0, max(0, size // 2 - SAMPLE_BYTES // 2), max(0, size - SAMPLE_BYTES)}):
+                handle.seek(offset)
+                digest.update(handle.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def check_model(cfg: ScoreConfig) -> None:
+    """Refuse, before the cache directory is claimed, a model that cannot score at these settings."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(cfg.model, revision=cfg.revision)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot load a model config from {cfg.model!r} ({str(err).splitlines()[0]})") from None
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if context is None:
+        return
+    if cfg.backend == "vllm" and cfg.max_length >= context:
+        # vLLM samples one token after each sequence, so it needs one position beyond --max-length.
+        raise ConfigError(f"--max-length {cfg.max_length} leaves vLLM no room within the model's context of {context} "
+                          f"tokens; use --max-length {context - 1} or less, or --backend hf")
+    if cfg.max_length > context:
+        raise ConfigError(f"--max-length {cfg.max_length} exceeds the model's context of {context} tokens")
+
+
 def build_header(cfg: ScoreConfig, tokenizer: Any, backend_version: str | None) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
         "selpipe_version": __version__,
-        "reference": {"model": cfg.model, "revision": cfg.revision, "dtype": cfg.dtype},
+        "reference": {"model": cfg.model, "revision": cfg.revision, "dtype": cfg.dtype,
+                      "fingerprint": model_fingerprint(cfg.model, cfg.revision)},
         "backend": {"name": cfg.backend, "version": backend_version},
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "input": {"path": str(cfg.input), "fingerprint": fingerprint_input(cfg.input)},
@@ -58,6 +103,10 @@ def build_header(cfg: ScoreConfig, tokenizer: Any, backend_version: str | None) 
                          "truncation": cfg.truncation, "append_eos": cfg.append_eos},
         "settings": cfg.identity(),
     }
+
+
+def _without_paths(entry: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in entry.items() if k not in ("path", "model")}
 
 
 def _claim_directory(out: Path, header: dict[str, Any]) -> None:
@@ -71,8 +120,8 @@ def _claim_directory(out: Path, header: dict[str, Any]) -> None:
     differing = []
     for key in keys:
         old, new = existing.get(key), header.get(key)
-        if key == "input":  # the same bytes may be mounted at another path on another node
-            old, new = old["fingerprint"], new["fingerprint"]
+        if key in ("input", "reference"):  # the same bytes may be mounted at another path on another node
+            old, new = _without_paths(old), _without_paths(new)
         if isinstance(old, dict) and isinstance(new, dict):
             differing += [f"{key}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         elif old != new:
@@ -130,6 +179,7 @@ def run_score_ref(cfg: ScoreConfig, scorer_factory=None) -> dict[str, Any]:
     input_kind(Path(cfg.input))
     out = Path(cfg.output)
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
+    check_model(cfg)
     out.mkdir(parents=True, exist_ok=True)
     backend_version = _backend_version(cfg.backend)
     header = build_header(cfg, tokenizer, backend_version)

@@ -1,6 +1,7 @@
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -10,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from selpipe.pipeline.cache import CacheError, load_manifest, read_rows
+from selpipe.pipeline.config import ConfigError
 from selpipe.pipeline.formats import BadRowError
 from selpipe.stages.score_ref import run_score_ref
 
@@ -67,7 +69,7 @@ def test_too_long_rows_are_skipped_when_asked(tmp_path, score_config, demo_rows)
     assert load_manifest(tmp_path / "t")["totals"]["truncated"] == 1
 
 
-def test_rerun_is_idempotent_and_other_settings_are_refused(tmp_path, score_config, demo_rows):
+def test_rerun_is_idempotent_and_other_settings_are_refused(tmp_path, score_config, models, demo_rows):
     rows = write_jsonl(tmp_path / "in.jsonl", demo_rows)
     run_score_ref(score_config(rows, tmp_path / "c"))
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "c").glob("part-*.parquet")}
@@ -76,6 +78,25 @@ def test_rerun_is_idempotent_and_other_settings_are_refused(tmp_path, score_conf
     assert before == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "c").glob("part-*.parquet")}
     with pytest.raises(CacheError, match=r"other settings \(settings.max_length: 64 -> 48"):
         run_score_ref(score_config(rows, tmp_path / "c", max_length=48))
+    # The model is compared by content: the same weights elsewhere resume, other weights are refused.
+    elsewhere = tmp_path / "mounted-elsewhere"
+    shutil.copytree(models["reference"], elsewhere)
+    assert run_score_ref(score_config(rows, tmp_path / "c", model=str(elsewhere)))["shards_resumed"] == 3
+    with pytest.raises(CacheError, match=r"reference.fingerprint"):
+        run_score_ref(score_config(rows, tmp_path / "c", model=str(models["other"])))
+
+
+def test_a_model_that_cannot_score_is_refused_before_the_cache_is_claimed(tmp_path, score_config, models, demo_rows):
+    """The demo model's context is 1024 positions; vLLM needs one beyond --max-length."""
+    rows = write_jsonl(tmp_path / "in.jsonl", demo_rows[:4])
+    with pytest.raises(ConfigError, match="leaves vLLM no room within the model's context of 1024"):
+        run_score_ref(score_config(rows, tmp_path / "c", backend="vllm", max_length=1024, max_prompt_length=512))
+    with pytest.raises(ConfigError, match="exceeds the model's context of 1024"):
+        run_score_ref(score_config(rows, tmp_path / "c", max_length=2048, max_prompt_length=512))
+    with pytest.raises(ConfigError, match="cannot load a model config"):
+        run_score_ref(score_config(rows, tmp_path / "c", model=str(models["tokenizer"])))
+    assert not (tmp_path / "c" / "header.json").exists()
+    assert run_score_ref(score_config(rows, tmp_path / "c"))["complete"]  # the directory is still free
 
 
 def test_two_workers_take_disjoint_slices_whose_union_is_every_row(tmp_path, score_config, demo_rows):
