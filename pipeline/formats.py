@@ -12,9 +12,8 @@ row (1-based) and the field, so the caller can stop or count a skip.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,8 +84,8 @@ def fingerprint_input(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _jsonl_records(source: str, stream: io.BufferedIOBase) -> Iterator[Record]:
-    for position, line in enumerate(stream):
+def _jsonl_records(source: str, lines: Iterable[bytes]) -> Iterator[Record]:
+    for position, line in enumerate(lines):
         row = position + 1
         try:
             text = line.decode("utf-8")
@@ -107,6 +106,49 @@ def _jsonl_records(source: str, stream: io.BufferedIOBase) -> Iterator[Record]:
         yield Record(position, value)
 
 
+def _zstd_blocks(path: Path, handle: Any) -> Iterator[bytes]:
+    """The decompressed bytes of every frame in the file, a block at a time.
+
+    `stream_reader` reports a clean EOF when the file ends inside a frame, which silently drops the
+    rows of a cut-off file; a decompressobj says whether its frame ended, so truncation is caught.
+    """
+    import zstandard
+
+    decompressor = zstandard.ZstdDecompressor()
+    frame, in_frame = decompressor.decompressobj(), False
+    for data in iter(lambda: handle.read(1 << 16), b""):
+        while data:
+            try:
+                block = frame.decompress(data)
+            except zstandard.ZstdError as err:
+                raise InputError(f"{path}: corrupt zstd stream ({err})") from None
+            in_frame = True
+            if block:
+                yield block
+            if frame.eof:  # a decompressobj reads one frame; the bytes after it start the next
+                data, frame, in_frame = frame.unused_data, decompressor.decompressobj(), False
+            else:
+                data = b""
+    if in_frame:
+        raise InputError(f"{path}: truncated zstd stream: the file ends inside a frame, so its last rows are missing")
+
+
+def _split_lines(blocks: Iterable[bytes]) -> Iterator[bytes]:
+    """Lines, newline kept, across block boundaries; split on LF only, as iterating a binary file is."""
+    pending = bytearray()
+    for block in blocks:
+        end = block.rfind(b"\n")
+        if end < 0:
+            pending += block
+            continue
+        pending += block[:end]
+        for line in pending.split(b"\n"):
+            yield bytes(line) + b"\n"
+        pending = bytearray(block[end + 1:])
+    if pending:
+        yield bytes(pending)
+
+
 def read_records(path: str | Path, split: str = "train") -> Iterator[Record]:
     """Yield every record of the input in file order."""
     path = Path(path)
@@ -122,17 +164,11 @@ def read_records(path: str | Path, split: str = "train") -> Iterator[Record]:
             handle.seek(0)
             yield from _jsonl_records(source, handle)
     elif kind == "jsonl.zst":
-        import zstandard
-
         with open(path, "rb") as handle:
             if handle.read(4) != b"\x28\xb5\x2f\xfd":
                 raise InputError(f"{path}: the suffix says .zst but the file is not zstd-compressed")
             handle.seek(0)
-            reader = zstandard.ZstdDecompressor().stream_reader(handle)
-            try:
-                yield from _jsonl_records(source, io.BufferedReader(reader))
-            except zstandard.ZstdError as err:
-                raise InputError(f"{path}: corrupt zstd stream ({err})") from None
+            yield from _jsonl_records(source, _split_lines(_zstd_blocks(path, handle)))
     elif kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -164,16 +200,30 @@ def _dataset_records(path: Path, split: str) -> Iterator[Record]:
         yield Record(position, value)
 
 
+def _check_text(source: str, row: int, field: str, text: str, row_id: str | None, where: str = "") -> str:
+    """A JSON escape such as \\ud800 decodes to a lone surrogate, which no UTF-8 encoder (tokenizer,
+    Parquet writer) accepts: reject it here as the invalid UTF-8 it stands for."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise BadRowError(source, row, field, "invalid_utf8",
+                          f"{where}invalid UTF-8: lone surrogate {text[err.start]!r} at character {err.start}", row_id) from None
+    return text
+
+
 def _check_messages(source: str, row: int, field: str, value: list, row_id: str) -> list[dict[str, str]]:
     for index, message in enumerate(value):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
             raise BadRowError(source, row, field, "bad_message", f"message {index} must be an object with string 'role' and 'content'", row_id)
+        for key in ("role", "content"):
+            _check_text(source, row, field, message[key], row_id, f"message {index} {key}: ")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 def derive_id(position: int, value: dict[str, Any]) -> str:
     content = json.dumps([value.get(name) for name in FIELDS], sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.sha1(f"{position}\0{content}".encode()).hexdigest()[:20]
+    # surrogatepass: a row with a lone surrogate still gets an id to report its skip under.
+    return hashlib.sha1(f"{position}\0{content}".encode("utf-8", "surrogatepass")).hexdigest()[:20]
 
 
 def parse_row(source: str, record: Record) -> RawRow:
@@ -183,8 +233,11 @@ def parse_row(source: str, record: Record) -> RawRow:
     value, row = record.value, record.position + 1
     assert value is not None
     raw_id = value.get("id")
-    if raw_id is not None and not isinstance(raw_id, (str, int)):
+    # bool is a subclass of int, but `true` is no id.
+    if raw_id is not None and (isinstance(raw_id, bool) or not isinstance(raw_id, (str, int))):
         raise BadRowError(source, row, "id", "bad_id", f"expected a string or integer, got {type(raw_id).__name__}")
+    if isinstance(raw_id, str):
+        _check_text(source, row, "id", raw_id, None)
     row_id = str(raw_id) if raw_id is not None else derive_id(record.position, value)
     fields: dict[str, Any] = {}
     for name in FIELDS:
@@ -192,7 +245,7 @@ def parse_row(source: str, record: Record) -> RawRow:
             raise BadRowError(source, row, name, "missing_field", "missing", row_id)
         item = value[name]
         if isinstance(item, str):
-            fields[name] = item
+            fields[name] = _check_text(source, row, name, item, row_id)
         elif isinstance(item, list):
             fields[name] = _check_messages(source, row, name, item, row_id)
         else:
@@ -203,6 +256,8 @@ def parse_row(source: str, record: Record) -> RawRow:
     if conversational[0]:
         if isinstance(fields["prompt"], str):
             fields["prompt"] = [{"role": "user", "content": fields["prompt"]}]
+        elif not fields["prompt"]:
+            raise BadRowError(source, row, "prompt", "empty_prompt", "empty message list", row_id)
         for name in ("chosen", "rejected"):
             if not fields[name]:
                 raise BadRowError(source, row, name, "empty_completion", "empty message list", row_id)

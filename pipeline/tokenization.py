@@ -51,8 +51,13 @@ def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def _chat_text(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def _chat_text(tokenizer: Any, row: RawRow, field: str, source: str, generation_prompt: bool) -> str:
+    """The chat template's rendering of the prompt, plus the `field` turn unless that is the prompt."""
+    messages = row.prompt if field == "prompt" else row.prompt + getattr(row, field)  # type: ignore[operator]
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as err:  # templates reject rows their own way (raise_exception, TypeError, ...): all are this row's fault
+        raise BadRowError(source, row.position + 1, field, "template_error", f"the chat template failed: {err}", row.id) from None
 
 
 def tokenize_pair(tokenizer: Any, row: RawRow, settings: TokenizationSettings, source: str = "input") -> TokenizedPair:
@@ -61,11 +66,11 @@ def tokenize_pair(tokenizer: Any, row: RawRow, settings: TokenizationSettings, s
     if row.conversational:
         if not getattr(tokenizer, "chat_template", None):
             raise BadRowError(source, line, "prompt", "no_chat_template", "conversational row but the tokenizer has no chat template", row.id)
-        prompt_text = _chat_text(tokenizer, row.prompt, generation_prompt=True)  # type: ignore[arg-type]
+        prompt_text = _chat_text(tokenizer, row, "prompt", source, generation_prompt=True)
         prompt_ids = _encode(tokenizer, prompt_text, special=False)
         completions = []
         for name in ("chosen", "rejected"):
-            full = _chat_text(tokenizer, row.prompt + getattr(row, name), generation_prompt=False)  # type: ignore[operator]
+            full = _chat_text(tokenizer, row, name, source, generation_prompt=False)
             if not full.startswith(prompt_text):
                 raise BadRowError(source, line, name, "template_mismatch",
                                   "the chat template's rendering of prompt + response does not start with its rendering of the prompt", row.id)

@@ -100,3 +100,42 @@ def test_files_that_are_missing_or_not_what_their_suffix_says(tmp_path):
     (tmp_path / "rows.csv").write_text("a,b\n")
     with pytest.raises(InputError, match="unknown input kind"):
         list(read_records(tmp_path / "rows.csv"))
+
+
+def test_truncated_zstd_raises_and_every_frame_is_read(tmp_path, demo_rows):
+    jsonl = write_jsonl(tmp_path / "rows.jsonl", demo_rows)
+    compressed = zstandard.ZstdCompressor().compress(jsonl.read_bytes())
+    (tmp_path / "cut.jsonl.zst").write_bytes(compressed[:len(compressed) * 95 // 100])
+    with pytest.raises(InputError, match=r"cut\.jsonl\.zst: truncated zstd stream"):
+        list(read_records(tmp_path / "cut.jsonl.zst"))
+    lines = jsonl.read_bytes().splitlines(keepends=True)
+    half = len(lines) // 2
+    frames = [zstandard.ZstdCompressor().compress(b"".join(part)) for part in (lines[:half], lines[half:])]
+    (tmp_path / "two.jsonl.zst").write_bytes(b"".join(frames))
+    assert parsed(tmp_path / "two.jsonl.zst") == parsed(jsonl) and len(parsed(jsonl)) == len(demo_rows)
+
+
+@pytest.mark.parametrize("row, field", [
+    ({"id": "a\ud800", "prompt": "p", "chosen": "c", "rejected": "r"}, "id"),
+    ({"prompt": "p\ud800", "chosen": "c", "rejected": "r"}, "prompt"),
+    ({"prompt": "p", "chosen": "\udfff", "rejected": "r"}, "chosen"),
+    ({"prompt": "p", "chosen": [{"role": "assistant", "content": "ok"}],
+      "rejected": [{"role": "assistant", "content": "x\ud800"}]}, "rejected"),
+])
+def test_lone_surrogates_are_invalid_utf8(tmp_path, row, field):
+    path = write_jsonl(tmp_path / "bad.jsonl", [row])  # json.dumps writes them as \ud800-style escapes
+    with pytest.raises(BadRowError, match="invalid UTF-8: lone surrogate") as info:
+        parse_row(str(path), next(read_records(path)))
+    assert info.value.reason == "invalid_utf8" and f"{path}: row 1" in str(info.value) and f"field '{field}'" in str(info.value)
+
+
+@pytest.mark.parametrize("row, field, reason, message", [
+    ({"id": True, "prompt": "p", "chosen": "c", "rejected": "r"}, "id", "bad_id", "expected a string or integer, got bool"),
+    ({"prompt": [], "chosen": [{"role": "assistant", "content": "y"}], "rejected": [{"role": "assistant", "content": "n"}]},
+     "prompt", "empty_prompt", "empty message list"),
+])
+def test_bool_id_and_empty_prompt_list_are_bad_rows(tmp_path, row, field, reason, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", [row])
+    with pytest.raises(BadRowError) as info:
+        parse_row(str(path), next(read_records(path)))
+    assert info.value.reason == reason and f"field '{field}': {message}" in str(info.value)

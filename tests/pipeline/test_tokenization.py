@@ -53,3 +53,19 @@ def test_truncation_keeps_a_leading_bos():
     pair = truncate_pair("b", [1, 2, 3, 4, 5, 6, 7, 8, 9], [20, 21, 22], [30], settings, keep_head=1)
     assert pair.prompt_ids == [1, 7, 8, 9] and pair.chosen_ids == [20, 21] and pair.rejected_ids == [30]
     assert truncate_pair("b", [1, 2, 3, 4, 5], [20], [30], settings).prompt_ids == [2, 3, 4, 5]
+
+
+def test_chat_template_errors_are_bad_rows(tokenizer):
+    import copy
+
+    strict = copy.deepcopy(tokenizer)
+    strict.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                            "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+                            "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    row = RawRow("r", 4, [{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Again"}],
+                 [{"role": "assistant", "content": "Bye"}])
+    with pytest.raises(BadRowError) as info:
+        tokenize_pair(strict, row, SETTINGS, source="in.jsonl")
+    assert info.value.reason == "template_error"
+    assert str(info.value) == ("in.jsonl: row 5 (id r), field 'chosen': the chat template failed: "
+                               "Conversation roles must alternate user/assistant")
