@@ -27,7 +27,7 @@ EXPECTED_ERRORS = (ConfigError, CacheError, InputError, BadRowError)
 
 
 @app.callback()
-def main(local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True)) -> None:
+def accept_launcher_flags(local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True)) -> None:
     """DeepSpeed's launcher passes `--local_rank=N` before the command; the rank is read from
     LOCAL_RANK, which every launcher sets, so the flag is accepted and ignored."""
 
@@ -90,11 +90,14 @@ def verify_command(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Weights dtype (default: the cache's)."),
 ) -> None:
-    """Recompute a random sample of the cache with transformers; exit 1 above the tolerance."""
+    """Recompute a random sample of the cache with transformers; exit 1 above the tolerance or if nothing was checked."""
     from selpipe.stages.verify import verify_cache
 
     report = verify_cache(cache, model, sample=sample, tolerance=tolerance, seed=seed, device=device, dtype=dtype)
     _print_json(report)
+    if not report["tokens_checked"]:
+        typer.echo("verify: no tokens were checked (the cache holds no scored rows), so nothing is verified", err=True)
+        raise typer.Exit(1)
     if not report["passed"]:
         typer.echo(f"verify: max |diff| {report['max_abs_diff']:.3g} is above the tolerance {tolerance:g}", err=True)
         raise typer.Exit(1)

@@ -16,12 +16,15 @@ checksum matches the Parquet file.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
+import random
 import re
 from collections import Counter
 from collections.abc import Iterator
+from itertools import accumulate
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -255,3 +258,34 @@ def read_rows(directory: str | Path, manifest: dict[str, Any], columns: list[str
     directory = Path(directory)
     for shard in manifest["shards"]:
         yield from pq.read_table(directory / shard["file"], columns=columns).to_pylist()
+
+
+def _read_local_rows(file: Path, local: list[int]) -> list[dict[str, Any]]:
+    """Rows `local` (sorted) of one shard, reading only the row groups that hold them."""
+    parquet = pq.ParquetFile(file)
+    sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.metadata.num_row_groups)]
+    starts = [0, *accumulate(sizes)]
+    owner = [bisect.bisect_right(starts, i) - 1 for i in local]
+    groups = sorted(set(owner))
+    # Where each group's rows begin in the table that holds only the groups read.
+    offset = dict(zip(groups, accumulate((sizes[g] for g in groups), initial=0)))
+    picks = [offset[g] + i - starts[g] for i, g in zip(local, owner)]
+    return parquet.read_row_groups(groups).take(picks).to_pylist()
+
+
+def sample_rows(path: str | Path, manifest: dict[str, Any], sample: int, seed: int) -> list[dict[str, Any]]:
+    """A seeded uniform sample of rows, in cache order, reading only the row groups that hold them.
+
+    Indices are drawn from the manifest's per-shard row counts, so a cache of any size costs
+    memory for the sampled rows' row groups alone.
+    """
+    total = sum(s["rows"] for s in manifest["shards"])
+    wanted = sorted(random.Random(seed).sample(range(total), min(sample, total)))
+    rows, start = [], 0
+    for shard in manifest["shards"]:
+        stop = start + shard["rows"]
+        local = [i - start for i in wanted if start <= i < stop]
+        if local:
+            rows += _read_local_rows(Path(path) / shard["file"], local)
+        start = stop
+    return rows

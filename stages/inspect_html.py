@@ -10,13 +10,14 @@ scripts, no external assets), every completion token shaded:
 - without one: by the reference log-prob alone (darker: less likely), nothing selected.
 
 Hovering a token shows its id and numbers. Tokens are decoded one by one with the policy's
-tokenizer (or the reference's, from the manifest), which the cache guarantees are the same.
+tokenizer (or the reference's, from the manifest); a policy whose tokenizer differs from the
+cache's (by the manifest's fingerprint) is refused. Only the sampled rows' row groups are read,
+so a cache of any size renders in little memory.
 """
 
 from __future__ import annotations
 
 import html
-import random
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,13 @@ from typing import Any
 import torch
 
 from selpipe.pipeline.batching import collate_pairs
-from selpipe.pipeline.cache import load_manifest, read_rows
+from selpipe.pipeline.cache import check_tokenizer, load_manifest
+from selpipe.pipeline.config import ConfigError
 from selpipe.pipeline.logprobs import completion_logprobs, to_padded
 from selpipe.pipeline.selection import alignment_scores, top_k_mask
+from selpipe.pipeline.tokenization import tokenizer_fingerprint
+from selpipe.stages.score_ref import load_tokenizer
+from selpipe.pipeline.cache import sample_rows
 
 SIDES = ("chosen", "rejected")
 
@@ -46,12 +51,6 @@ h1 { font-size: 20px; margin: 0 0 4px; }
 .tok.sel { outline: 2px solid #111; outline-offset: -1px; }
 .tok.truth { text-decoration: underline wavy #b42318; text-underline-offset: 4px; }
 """
-
-
-def _load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
 
 
 @torch.no_grad()
@@ -97,11 +96,19 @@ def render_html(cache_dir: str | Path, out_file: str | Path, policy: str | Path 
     row id to {"chosen": [...], "rejected": [...]} completion token positions known to decide the
     preference (a planted task's ground truth); those get a wavy underline.
     """
+    if samples < 1:
+        raise ConfigError(f"--samples must be at least 1; got {samples}")
+    if not 0.0 < top_k <= 1.0:
+        raise ConfigError(f"--top-k must be in (0, 1]; got {top_k}")
     cache_dir, out_file = Path(cache_dir), Path(out_file)
     manifest = load_manifest(cache_dir)
-    rows = list(read_rows(cache_dir, manifest))
-    picked = random.Random(seed).sample(rows, min(samples, len(rows)))
-    tokenizer = _load_tokenizer(str(policy) if policy is not None else manifest["reference"]["model"])
+    if policy is not None:
+        tokenizer = load_tokenizer(str(policy))
+        # The page decodes cached ids with the policy's tokenizer and scores them with the policy.
+        check_tokenizer(cache_dir, manifest, tokenizer_fingerprint(tokenizer))
+    else:
+        tokenizer = load_tokenizer(manifest["reference"]["model"], manifest["reference"]["revision"])
+    picked = sample_rows(cache_dir, manifest, samples, seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     per_side = _selection(str(policy), picked, pad_id, top_k) if policy is not None and picked else {}
@@ -151,7 +158,7 @@ def render_html(cache_dir: str | Path, out_file: str | Path, policy: str | Path 
         f"<style>{STYLE}</style></head><body>"
         f"<h1>Token selection: {html.escape(str(cache_dir))}</h1>"
         f"<div class=\"meta\">reference {html.escape(str(manifest['reference']['model']))}; "
-        f"{len(picked)} of {len(rows)} pairs (seed {seed}); {mode}</div>"
+        f"{len(picked)} of {manifest['totals']['rows']} pairs (seed {seed}); {mode}</div>"
         f"<div class=\"legend\">{legend}</div>{''.join(pairs_html)}</body></html>\n"
     )
     out_file.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from selpipe.pipeline.cache import (
-    CacheError, ScoredPair, check_tokenizer, completed_shard, load_manifest, verify_checksums, write_shard,
+    CacheError, ScoredPair, check_tokenizer, completed_shard, load_manifest, read_rows, sample_rows, verify_checksums,
+    write_shard,
 )
 
 
@@ -35,3 +36,26 @@ def test_cache_refusals(demo_cache, tmp_path, tokenizer):
         load_manifest(bad)
     with pytest.raises(CacheError, match="not a score cache"):
         load_manifest(tmp_path)
+
+
+def test_sample_rows_reads_only_the_row_groups_it_needs(demo_cache, monkeypatch):
+    manifest = load_manifest(demo_cache)
+    every = list(read_rows(demo_cache, manifest))
+    read = []
+    original = pq.ParquetFile.read_row_groups
+
+    def spy(self, groups, *args, **kwargs):
+        table = original(self, groups, *args, **kwargs)
+        read.append(table.num_rows)
+        return table
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", spy)
+    rows = sample_rows(demo_cache, manifest, 5, seed=11)
+    # Row groups of 4 rows: at most one group per sampled row, never a whole 16-row shard beyond that.
+    assert len(rows) == 5 and sum(read) <= 5 * 4
+    assert all(row in every for row in rows)
+    assert [every.index(row) for row in rows] == sorted(every.index(row) for row in rows)
+    assert rows == sample_rows(demo_cache, manifest, 5, seed=11)
+    assert rows != sample_rows(demo_cache, manifest, 5, seed=12)
+    assert len(sample_rows(demo_cache, manifest, 1000, seed=0)) == 96
+

@@ -9,10 +9,12 @@ import re
 import demo  # data/demo.py, put on sys.path by tests/conftest.py
 import pytest
 
-from selpipe.pipeline.cache import load_manifest, read_rows
-from selpipe.pipeline.config import ScoreConfig
+from selpipe.pipeline.cache import CacheError, load_manifest, read_rows
+from selpipe.pipeline.config import ConfigError, ScoreConfig
 from selpipe.stages.inspect_html import render_html
 from selpipe.stages.score_ref import run_score_ref
+
+from ..conftest import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +71,55 @@ def test_deciding_positions_are_underlined(scored, tmp_path):
                        deciding=truth).read_text()
     pairs = page.split('class="pair"', 1)[1]  # past the legend
     assert len(re.findall(r'class="tok[a-z ]* truth"', pairs)) == 4
+
+
+def test_reads_only_the_sampled_rows_deterministically(demo_cache, monkeypatch, tmp_path):
+    """The sample comes from the manifest's row counts; whole shards (let alone the whole cache) are never read."""
+    import pyarrow.parquet as pq
+
+    from selpipe.pipeline.cache import sample_rows
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("read a whole shard")
+
+    monkeypatch.setattr(pq, "read_table", refuse)
+    manifest = load_manifest(demo_cache)
+    expected = [row["id"] for row in sample_rows(demo_cache, manifest, 3, seed=7)]
+    first = render_html(demo_cache, tmp_path / "a.html", samples=3, seed=7).read_text()
+    again = render_html(demo_cache, tmp_path / "b.html", samples=3, seed=7).read_text()
+    assert first == again
+    assert re.findall(r'<div class="pair"><h2>([^<]*)</h2>', first) == expected
+    assert "3 of 96 pairs (seed 7)" in first
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"top_k": 0.0}, r"--top-k must be in \(0, 1\]; got 0.0"),
+    ({"top_k": 1.5}, r"--top-k must be in \(0, 1\]; got 1.5"),
+    ({"samples": 0}, "--samples must be at least 1; got 0"),
+])
+def test_bad_settings_are_refused(scored, tmp_path, settings, message):
+    with pytest.raises(ConfigError, match=message):
+        render_html(scored["cache"], tmp_path / "x.html", policy=scored["policy"], **settings)
+    assert not (tmp_path / "x.html").exists()
+
+
+def test_a_policy_with_another_tokenizer_is_refused(scored, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    policy = tmp_path / "policy"
+    shutil.copytree(scored["policy"], policy)
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    tokenizer.chat_template = "{{ messages }}"
+    tokenizer.save_pretrained(policy)
+    with pytest.raises(CacheError, match="differs in: chat_template"):
+        render_html(scored["cache"], tmp_path / "x.html", policy=policy)
+    with pytest.raises(ConfigError, match="cannot load a tokenizer"):
+        render_html(scored["cache"], tmp_path / "x.html", policy=tmp_path / "missing")
+
+
+def test_cli_refuses_bad_html_settings_in_one_line(scored, tmp_path):
+    result = run_cli("inspect", scored["cache"], "--html", tmp_path / "x.html", "--top-k", "2", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --top-k must be in (0, 1]; got 2.0"

@@ -163,7 +163,7 @@ def test_vllm_backend_matches_hf_with_the_same_schema(tmp_path, models, demo_row
 def test_verify_passes_on_a_good_cache_and_fails_on_altered_log_probs(tmp_path, demo_cache, models):
     import shutil
 
-    from selpipe.pipeline.cache import ShardRecord, file_sha256, pairs_to_table, write_json_atomic, PARQUET_OPTIONS
+    from selpipe.pipeline.cache import file_sha256, pairs_to_table, write_json_atomic, PARQUET_OPTIONS
 
     good = run_cli("verify", demo_cache, "--model", models["reference"], "--sample", "16")
     assert json.loads(good.stdout[good.stdout.index("{"):])["max_abs_diff"] < 1e-5

@@ -7,14 +7,13 @@ import signal
 import subprocess
 import time
 
-import pyarrow.parquet as pq
 import pytest
 
 from selpipe.pipeline.config import ConfigError, TrainConfig
 from selpipe.stages.score_ref import run_score_ref
 from selpipe.stages.train import free_port
 
-from ..conftest import BIN, REPO, demo, run_cli, write_jsonl
+from ..conftest import BIN, REPO, demo, write_jsonl
 
 
 def per_step(run_dir, key="loss"):
