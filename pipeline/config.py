@@ -80,6 +80,8 @@ class ScoreConfig:
     token_budget: int = setting(16384, "hf backend: most padded tokens in one forward batch.")
     logprob_chunk: int = setting(256, "Completion positions per log-softmax chunk: the fp32 buffer is chunk x vocab x 4 bytes.")
     device: str = setting("auto", "hf backend device: auto, cpu, cuda, cuda:N.")
+    compile: bool = setting(False, "hf backend: torch.compile the model with frozen weights: about a minute more start-up, "
+                                   "then faster scoring (see docs/benchmarks.md); for long runs.")
     tensor_parallel_size: int = setting(1, "vllm backend: GPUs per model.")
     gpu_memory_utilization: float = setting(0.9, "vllm backend: fraction of GPU memory for the engine.")
     kv_cache_memory_bytes: int | None = setting(None, "vllm backend: KV cache size in bytes (needed on CPU).")
