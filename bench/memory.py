@@ -9,8 +9,8 @@ tokens, their sum, and `backward()`. That is the part of a DPO step whose memory
 vocabulary x tokens; the loss on top of it is a few scalars per sequence. Methods:
 
 - `selpipe`: `selpipe.pipeline.logprobs.completion_logprobs` (completion positions only,
-  1024-row chunks of fp32 log-softmax under activation checkpointing), as `selpipe train` runs it
-  by default; `selpipe_chunk256` is the same with `--logprob-chunk 256`, a setting users have.
+  chunks of fp32 log-softmax under activation checkpointing), with `selpipe train`'s default
+  `--logprob-chunk` (256); `selpipe_chunk1024` is the same with `--logprob-chunk 1024`.
 - `trl`: TRL 1.16's own path, `add_fused_lm_head` + `model(..., labels, fused_lm_head=True)`
   `.log_probs`, exactly the policy forward `DPOTrainer._compute_loss` makes.
 - `full_logits`: `log_softmax(model(...).logits.float())` gathered at the labels, the
@@ -34,13 +34,15 @@ from pathlib import Path
 
 from benchlib import THREADS, print_table, set_threads, thread_env, write_results
 
+from selpipe.pipeline.config import TrainConfig
+
 SETTINGS = {
     "reduced": {"vocabs": [32000, 151936], "seq_lens": [512]},
     "full": {"vocabs": [32000, 151936], "seq_lens": [512, 1024, 2048, 4096]},
 }
 MODEL = {"hidden": 128, "layers": 1, "heads": 2, "kv_heads": 1, "intermediate": 256}
-METHODS = ("selpipe", "selpipe_chunk256", "trl", "full_logits")
-SELPIPE_CHUNKS = {"selpipe": 1024, "selpipe_chunk256": 256}  # 1024 is TrainConfig.logprob_chunk's default
+METHODS = ("selpipe", "selpipe_chunk1024", "trl", "full_logits")
+SELPIPE_CHUNKS = {"selpipe": TrainConfig.logprob_chunk, "selpipe_chunk1024": 1024}
 
 
 def build(vocab: int, seq_len: int):
@@ -161,8 +163,8 @@ def main() -> None:
                 **{f"{m}_step_peak_mib": r["step_peak_mib"] for m, r in measured.items()},
                 **{f"{m}_step_s": r["step_seconds"] for m, r in measured.items()},
                 "ratio_selpipe_over_trl": measured["selpipe"]["step_peak_mib"] / measured["trl"]["step_peak_mib"],
-                "ratio_selpipe_chunk256_over_trl":
-                    measured["selpipe_chunk256"]["step_peak_mib"] / measured["trl"]["step_peak_mib"],
+                "ratio_selpipe_chunk1024_over_trl":
+                    measured["selpipe_chunk1024"]["step_peak_mib"] / measured["trl"]["step_peak_mib"],
                 "ratio_selpipe_over_full_logits": measured["selpipe"]["step_peak_mib"] / full["step_peak_mib"] if full else None,
                 "device": measured["selpipe"]["device"],
             })
@@ -172,8 +174,8 @@ def main() -> None:
     path = write_results("memory", settings, rows, started)
     print(f"model hidden {MODEL['hidden']}, {MODEL['layers']} layer, one pair (2 rows), prompt = 1/4 of each row; "
           f"{THREADS} threads")
-    print_table(rows, ["vocab", "seq_len", "selpipe_step_peak_mib", "selpipe_chunk256_step_peak_mib", "trl_step_peak_mib",
-                       "full_logits_step_peak_mib", "ratio_selpipe_over_trl", "ratio_selpipe_chunk256_over_trl",
+    print_table(rows, ["vocab", "seq_len", "selpipe_step_peak_mib", "selpipe_chunk1024_step_peak_mib", "trl_step_peak_mib",
+                       "full_logits_step_peak_mib", "ratio_selpipe_over_trl", "ratio_selpipe_chunk1024_over_trl",
                        "ratio_selpipe_over_full_logits", "selpipe_step_s", "trl_step_s", "full_logits_step_s"],
                 "peak memory added by one log-prob forward + backward (MiB), and its time (s)")
     print(f"\nrows written to {path}")

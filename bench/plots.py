@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 from benchlib import REPO, RESULTS_DIR
 
 IMG_DIR = REPO / "docs" / "img"
-MEMORY_METHODS = {"selpipe": "selpipe (logprob_chunk 1024, default)", "selpipe_chunk256": "selpipe (logprob_chunk 256)",
+MEMORY_METHODS = {"selpipe": "selpipe (logprob_chunk 256, default)", "selpipe_chunk1024": "selpipe (logprob_chunk 1024)",
                   "trl": "TRL 1.16 fused LM head", "full_logits": "full logits + log_softmax"}
 
 
@@ -58,7 +58,7 @@ def train_plot(result: dict) -> None:
     axis.bar([p - 0.2 for p in positions], [r["selpipe_pairs_per_s"] for r in rows], width=0.4, label="selpipe train (cache)")
     axis.bar([p + 0.2 for p in positions], [r["trl_pairs_per_s"] for r in rows], width=0.4, label="TRL DPOTrainer (live ref)")
     axis.set_xticks(list(positions), labels)
-    axis.set(ylabel="pairs/s (fastest steady-state step)", title="Training throughput, same policy and batches")
+    axis.set(ylabel="pairs/s (median steady-state step)", title="Training throughput, same policy and batches")
     axis.legend()
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()

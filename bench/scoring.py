@@ -23,7 +23,7 @@ import argparse
 import time
 
 from benchlib import (
-    RESULTS_DIR, THREADS, WORK_DIR, ModelSpec, build_model, demo_tokenizer, parameter_count, preference_rows, print_table,
+    RESULTS_DIR, THREADS, WORK_DIR, ModelSpec, build_model, parameter_count, preference_rows, print_table,
     set_threads, spec_dict, write_results,
 )
 
@@ -36,12 +36,14 @@ SETTINGS = {
 WARMUP_REQUESTS = 8
 
 
-def build_requests(s: dict) -> list[tuple[list[int], int]]:
-    """(token ids, prompt length) per sequence, exactly as stage one builds them."""
+def build_requests(s: dict, model: str) -> list[tuple[list[int], int]]:
+    """(token ids, prompt length) per sequence, exactly as stage one builds them (the tokenizer
+    loaded from the model directory, as `score-ref` loads it)."""
     from selpipe.pipeline.formats import RawRow
     from selpipe.pipeline.tokenization import TokenizationSettings, tokenize_pair
+    from selpipe.stages.score_ref import load_tokenizer
 
-    tokenizer = demo_tokenizer()
+    tokenizer = load_tokenizer(model)
     settings = TokenizationSettings(s["max_length"], s["max_prompt_length"])
     requests = []
     for position, row in enumerate(preference_rows(s["pairs"], s["completion_sentences"])):
@@ -79,12 +81,14 @@ def time_scorer(make, requests: list) -> tuple[dict, list[list[float]]]:
     started = time.perf_counter()
     scorer = make()
     startup = time.perf_counter() - started
-    scorer.score(requests[:WARMUP_REQUESTS])
+    started = time.perf_counter()
+    scorer.score(requests[:WARMUP_REQUESTS])  # where `hf --compile` compiles: a start-up cost too
+    warmup = time.perf_counter() - started
     started = time.perf_counter()
     scores = scorer.score(requests)
     seconds = time.perf_counter() - started
     tokens = sum(len(ids) for ids, _ in requests)
-    return {"startup_s": startup, "score_s": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+    return {"startup_s": startup, "warmup_s": warmup, "score_s": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
             "sequences_per_s": len(requests) / seconds}, scores
 
 
@@ -102,7 +106,7 @@ def profile_hf(model: str, requests: list, rows: int = 15) -> str:
 
 
 def max_difference(a: list[list[float]], b: list[list[float]]) -> float:
-    return max(abs(x - y) for row_a, row_b in zip(a, b) for x, y in zip(row_a, row_b))
+    return max(abs(x - y) for row_a, row_b in zip(a, b, strict=True) for x, y in zip(row_a, row_b, strict=True))
 
 
 def main() -> None:
@@ -117,20 +121,22 @@ def main() -> None:
     started = time.perf_counter()
     set_threads()
     model = str(build_model(s["model"], WORK_DIR / "models" / s["model"].label(), seed=2))
-    requests = build_requests(s)
+    requests = build_requests(s, model)
     if args.profile:
         table = profile_hf(model, requests)
         (RESULTS_DIR / "scoring_hf_profile.txt").write_text(table + "\n")
         print(table)
         return
 
+    from selpipe.pipeline.config import ScoreConfig
     from selpipe.stages.backends import HFScorer, VLLMScorer
 
     backends = {
         "hf": lambda: HFScorer(model, device="cpu"),
+        "hf --compile": lambda: HFScorer(model, device="cpu", compile=True),
         "naive": lambda: NaiveScorer(model),
         # vLLM last: it starts engine processes that hold memory until this one exits.
-        "vllm": lambda: VLLMScorer(model, max_model_len=s["max_length"], kv_cache_memory_bytes=args.kv_cache_mib * 2**20),
+        "vllm": lambda: VLLMScorer(model, max_model_len=s["max_length"] + 1, kv_cache_memory_bytes=args.kv_cache_mib * 2**20),
     }
     rows, outputs = [], {}
     for name, make in backends.items():
@@ -144,11 +150,12 @@ def main() -> None:
 
     settings = {"setting": setting, **{k: v for k, v in s.items() if k != "model"}, "model": spec_dict(s["model"]),
                 "sequences": len(requests), "mean_tokens_per_sequence": rows[0]["tokens"] / len(requests),
-                "kv_cache_mib": args.kv_cache_mib, "warmup_requests": WARMUP_REQUESTS, "threads": THREADS}
+                "kv_cache_mib": args.kv_cache_mib, "warmup_requests": WARMUP_REQUESTS, "threads": THREADS,
+                "hf_token_budget": ScoreConfig.token_budget, "hf_logprob_chunk": ScoreConfig.logprob_chunk}
     path = write_results("scoring", settings, rows, started)
     print(f"\nmodel {parameter_count(s['model']):,} parameters, vocab {s['model'].vocab}; {len(requests)} sequences, "
           f"{settings['mean_tokens_per_sequence']:.0f} tokens each on average; {THREADS} threads")
-    print_table(rows, ["backend", "startup_s", "score_s", "tokens_per_s", "ratio_hf_over_this", "max_abs_diff_vs_hf"],
+    print_table(rows, ["backend", "startup_s", "warmup_s", "score_s", "tokens_per_s", "ratio_hf_over_this", "max_abs_diff_vs_hf"],
                 "stage-one scoring throughput (tokens/s); ratio = hf tokens/s over this backend's")
     print(f"\nrows written to {path}")
 
