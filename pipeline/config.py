@@ -135,7 +135,7 @@ class TrainConfig:
     global_batch_size: int = setting(32, "Pairs per optimizer step across all ranks.")
     micro_batch_size: int = setting(4, "Pairs per forward pass on one rank.")
     gradient_clipping: float = setting(1.0, "Clip the global gradient norm to this (0 disables).")
-    zero_stage: int = setting(0, "DeepSpeed ZeRO stage 0-3; picks configs/zero{N}.json.")
+    zero_stage: int = setting(0, "DeepSpeed ZeRO stage 0-3; picks configs/zero{N}.json (a --deepspeed-config must ask for the same stage).")
     deepspeed_config: str | None = setting(None, "A DeepSpeed JSON to use instead of the shipped one (batch sizes, optimizer and precision are filled in from these settings).")
     precision: Literal["auto", "bf16", "fp32"] = setting("auto", "bf16 on GPUs that support it, else fp32.")
     gradient_checkpointing: bool = setting(False, "Recompute activations in backward to save memory.")

@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .config import ConfigError
+
 
 def _chunk_logprobs(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = head(hidden).float()
@@ -72,7 +74,7 @@ def check_output_head(model: torch.nn.Module) -> None:
     hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
     ours = torch.log_softmax(output_head(model)(hidden).float(), -1)
     if not torch.allclose(reference, ours, atol=1e-3):
-        raise ValueError(f"{type(model).__name__} transforms its logits in a way selpipe does not reproduce; "
+        raise ConfigError(f"{type(model).__name__} transforms its logits in a way selpipe does not reproduce; "
                          f"its log-probs would be wrong")
 
 

@@ -74,12 +74,10 @@ class HFScorer:
         Frozen weights let inductor constant-fold them and, on CPU, pre-pack them for oneDNN's
         matmuls. Shapes are dynamic: batches vary in size and length.
         """
-        import torch._inductor.config as inductor_config
-
-        inductor_config.freezing = True
+        options = {"freezing": True}  # for these two modules only, not for the process
         model = self.model
-        setattr(model, model.base_model_prefix, torch.compile(model.base_model, dynamic=True))
-        model.set_output_embeddings(torch.compile(model.get_output_embeddings(), dynamic=True))
+        setattr(model, model.base_model_prefix, torch.compile(model.base_model, dynamic=True, options=options))
+        model.set_output_embeddings(torch.compile(model.get_output_embeddings(), dynamic=True, options=options))
 
     @torch.inference_mode()
     def score(self, requests: list[Request]) -> list[list[float]]:

@@ -46,28 +46,39 @@ def _record_key(source: str, record: Record) -> str:
         return f"#position:{record.position}"
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-SAMPLE_BYTES = 1 << 20
+SAMPLED_BLOCKS, BLOCK_BYTES = 16, 1 << 18
+# Keys `save_pretrained` rewrites without changing the model.
+CONFIG_NOISE = ("transformers_version", "_name_or_path")
+
+
+def _is_weight_file(name: str) -> bool:
+    # Not training_args.bin, optimizer.pt or rng_state.pth, which checkpoint directories hold beside the weights.
+    return name.endswith(".safetensors") or (name.startswith(("pytorch_model", "model")) and name.endswith(".bin"))
 
 
 def model_fingerprint(model: str, revision: str | None) -> str:
     """A digest of a local model directory's config and weights, whatever path reaches it.
 
-    Weights are sampled, not read whole (a 70B checkpoint is 140 GB): each file's name and size
-    and 1 MiB at its start, middle and end. Two trainings of one architecture differ in every
-    sampled block, so swapped weights are caught. A hub-style name is identified by name and revision.
+    Weights are sampled, not read whole (a 70B checkpoint is 140 GB): each weight file's name and
+    size and 16 evenly spaced 256 KiB blocks, so a file of other weights (another training of the
+    same shape, or a fine-tune of any large part) differs in some block. A hub-style name is
+    identified by name and revision.
     """
     directory = Path(model)
     if not directory.is_dir():
         return hashlib.sha256(f"{model}@{revision}".encode()).hexdigest()
     digest = hashlib.sha256()
-    for file in sorted(p for p in directory.iterdir() if p.name == "config.json" or p.name.endswith(WEIGHT_SUFFIXES)):
+    config = directory / "config.json"
+    if config.exists():
+        settings = {k: v for k, v in json.loads(config.read_text()).items() if k not in CONFIG_NOISE}
+        digest.update(json.dumps(settings, sort_keys=True).encode())
+    for file in sorted(p for p in directory.iterdir() if _is_weight_file(p.name)):
         size = file.stat().st_size
         digest.update(f"{file.name}:{size}".encode())
         with open(file, "rb") as handle:
-            for offset in sorted({0, max(0, size // 2 - SAMPLE_BYTES // 2), max(0, size - SAMPLE_BYTES)}):
-                handle.seek(offset)
-                digest.update(handle.read(SAMPLE_BYTES))
+            for block in range(SAMPLED_BLOCKS):
+                handle.seek(max(0, (size - BLOCK_BYTES) * block // (SAMPLED_BLOCKS - 1)))
+                digest.update(handle.read(BLOCK_BYTES))
     return digest.hexdigest()
 
 
@@ -109,12 +120,13 @@ def _without_paths(entry: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in entry.items() if k not in ("path", "model")}
 
 
-def _claim_directory(out: Path, header: dict[str, Any]) -> None:
-    """Write header.json, or refuse if the directory holds a cache made differently."""
+def _claim_directory(out: Path, header: dict[str, Any]) -> bool:
+    """Write header.json (True), find an agreeing one (False), or refuse if the directory holds a
+    cache made differently."""
     path = out / "header.json"
     if not path.exists():
         write_json_atomic(path, header)
-        return
+        return True
     existing = json.loads(path.read_text())
     keys = ("schema_version", "reference", "tokenizer_fingerprint", "input", "settings")  # settings cover tokenization
     differing = []
@@ -132,6 +144,7 @@ def _claim_directory(out: Path, header: dict[str, Any]) -> None:
         shown = "; ".join(d if len(d) < 200 else d[:200] + "..." for d in differing)
         raise CacheError(f"{out} already holds a cache made with other settings ({shown}); "
                          f"write to a new --output or delete the old cache")
+    return False
 
 
 def _slice_shards(cfg: ScoreConfig) -> Iterator[list[Record]]:
@@ -183,7 +196,7 @@ def run_score_ref(cfg: ScoreConfig, scorer_factory=None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     backend_version = _backend_version(cfg.backend)
     header = build_header(cfg, tokenizer, backend_version)
-    _claim_directory(out, header)
+    claimed_now = _claim_directory(out, header)
     # This worker is (re)writing shards: until it finishes, no manifest may claim the cache whole.
     (out / f"worker-{cfg.worker_index:05d}.done.json").unlink(missing_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)
@@ -204,7 +217,13 @@ def run_score_ref(cfg: ScoreConfig, scorer_factory=None) -> dict[str, Any]:
             continue
         pairs, skipped = _tokenize_shard(cfg, tokenizer, records, seen_ids)
         if scorer is None:
-            scorer = (scorer_factory or make_scorer)(cfg)
+            try:
+                scorer = (scorer_factory or make_scorer)(cfg)
+            except Exception:
+                # Nothing is written yet: leave the directory free for a rerun with a corrected model.
+                if claimed_now and not any(out.glob("part-*.json")):
+                    (out / "header.json").unlink(missing_ok=True)
+                raise
         scored = _score_pairs(scorer, pairs) if pairs else []
         write_shard(out, cfg.worker_index, index, scored, skipped, sum(p.truncated for p in pairs), cfg.row_group_size)
         scored_rows += len(scored)

@@ -10,7 +10,8 @@ Run directory:
     config.json                 the resolved TrainConfig and the DeepSpeed config it produced
     metrics.jsonl               one object per logged optimizer step, eval rows prefixed `eval/`
     tensorboard/                the same metrics for TensorBoard
-    checkpoints/step-N/         DeepSpeed checkpoint + stream position, RNG states, config
+    checkpoints/step-N/         DeepSpeed checkpoint + stream position, RNG states, config,
+                                the caches' content digests and the eval history
     checkpoints/latest          name of the newest complete checkpoint (written last)
     summary.json                what the run did (also printed by `selpipe train`)
     model/                      the final policy, `save_pretrained` with its tokenizer
@@ -345,19 +346,20 @@ class RunFiles:
         marker = self.checkpoints / "latest"
         return marker.read_text().strip() if marker.exists() else None
 
-    def open_logs(self, resume_step: int) -> None:
+    def open_logs(self, resume_step: int | None) -> None:
+        """Keep the logged rows up to the checkpoint resumed from (`resume_step`); none on a fresh start."""
         if self.rank != 0:
             return
         if self.metrics_path.exists():
             # Rows logged after the checkpoint we resume from will be produced again.
             kept = [line for line in self.metrics_path.read_text().splitlines()
-                    if (step := _logged_step(line)) is not None and step <= resume_step]
+                    if resume_step is not None and (step := _logged_step(line)) is not None and step <= resume_step]
             tmp = self.metrics_path.with_name(".metrics.jsonl.tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.metrics_path)
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tensorboard = SummaryWriter(str(self.output / "tensorboard"), purge_step=resume_step + 1)
+        self.tensorboard = SummaryWriter(str(self.output / "tensorboard"), purge_step=(resume_step or -1) + 1)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self.rank != 0:
@@ -428,8 +430,9 @@ def load_checkpoint(engine: Any, files: RunFiles, cfg: TrainConfig, identity: di
     saved = client["config"]
     changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_INVARIANTS
                if saved.get(k) != getattr(cfg, k)]
+    saved_identity = client.get("identity") or {}
     changed += [f"--{name.replace('_', '-')} holds other scores than the checkpoint's" for name in identity
-                if client["identity"][name] != identity[name]]
+                if saved_identity.get(name) != identity[name]]
     if changed:
         raise ConfigError(f"--resume with settings that differ from the checkpoint's ({', '.join(changed)}); "
                           f"resume with the original settings or start a new --output")
@@ -440,6 +443,15 @@ def load_checkpoint(engine: Any, files: RunFiles, cfg: TrainConfig, identity: di
         if states["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(states["cuda"])
     return client["step"], StreamPosition(**client["position"]), RunHistory(**client.get("history", {}))
+
+
+def _agreed(decision: bool, device: torch.device) -> bool:
+    """Rank 0's decision, on every rank."""
+    import deepspeed.comm as dist
+
+    flag = torch.tensor([float(decision)], device=device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def save_final_model(engine: Any, model: Any, tokenizer: Any, directory: Path, rank: int) -> None:
@@ -501,7 +513,9 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
                          global_batch_size=cfg.global_batch_size, seed=cfg.seed, shuffle_window=cfg.shuffle_window,
                          anchor=(cfg.anchor_scores, caches.anchor) if caches.anchor else None)
     total_steps = cfg.max_steps or cfg.epochs * stream.batches_per_epoch
-    identity = {"cache": cache_identity(caches.train), "anchor_scores": caches.anchor and cache_identity(caches.anchor)}
+    # Content digests: a resume must see the same scores (and evaluate on the same rows) as the run it continues.
+    identity = {name: manifest and cache_identity(manifest) for name, manifest in
+                (("cache", caches.train), ("anchor_scores", caches.anchor), ("eval_cache", caches.eval))}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     torch.manual_seed(cfg.seed)
@@ -511,8 +525,10 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         model=wrapper, model_parameters=[p for p in wrapper.parameters() if p.requires_grad], config=copy.deepcopy(ds_config),
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, total_steps)),
     )
+    resumed_from = None
     if cfg.resume and files.latest_checkpoint():
         step, position, history = load_checkpoint(engine, files, cfg, identity)
+        resumed_from = step
     else:
         if cfg.resume and rank == 0:
             print(f"--resume: no checkpoint in {files.checkpoints}, starting fresh", flush=True)
@@ -521,7 +537,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         output.mkdir(parents=True, exist_ok=True)
         write_json_atomic(output / "config.json", {"train": to_dict(cfg), "deepspeed": ds_config, "world_size": world_size,
                                                    "total_steps": total_steps, "cache_rows": stream.total_rows})
-    files.open_logs(step)
+    files.open_logs(resumed_from)
     evaluator = Evaluator(cfg.eval_cache, caches.eval, rank, world_size, cfg, pad_id) if caches.eval else None
 
     def evaluate(at_step: int) -> None:
@@ -580,7 +596,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     if files.latest_checkpoint() != f"step-{step}":
         save_checkpoint(engine, files, step, position, cfg, history, identity)
     # A rerun of a finished run trains nothing; its model is already there, unless the kill came before it was.
-    if cfg.save_model and (step > first_step or not (output / "model").exists()):
+    # Rank 0 decides for all: under ZeRO-3 the save is a collective gather.
+    if cfg.save_model and _agreed(step > first_step or not (output / "model").exists(), engine.device):
         save_final_model(engine, model, tokenizer, output / "model", rank)
     files.close()
     teardown(engine)

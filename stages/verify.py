@@ -32,6 +32,8 @@ def verify_cache(path: str | Path, model: str, *, sample: int = 64, tolerance: f
     try:
         scorer = HFScorer(model, revision=manifest["reference"]["revision"], dtype=dtype or manifest["reference"]["dtype"],
                           device=device, token_budget=token_budget)
+    except ConfigError:
+        raise
     # transformers raises OSError for a path or weights it cannot find, ValueError for a directory that is not a model.
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot load the model {model!r}: give a local model directory "

@@ -96,6 +96,14 @@ def test_a_model_that_cannot_score_is_refused_before_the_cache_is_claimed(tmp_pa
     with pytest.raises(ConfigError, match="cannot load a model config"):
         run_score_ref(score_config(rows, tmp_path / "c", model=str(models["tokenizer"])))
     assert not (tmp_path / "c" / "header.json").exists()
+
+    def unloadable(cfg):
+        raise ConfigError("no weights here")
+
+    # A model that fails only as it loads: the claim is withdrawn, nothing having been written.
+    with pytest.raises(ConfigError, match="no weights here"):
+        run_score_ref(score_config(rows, tmp_path / "c", max_length=48), scorer_factory=unloadable)
+    assert not (tmp_path / "c" / "header.json").exists()
     assert run_score_ref(score_config(rows, tmp_path / "c"))["complete"]  # the directory is still free
 
 

@@ -162,6 +162,18 @@ def test_killed_run_resumes_with_the_losses_of_an_uninterrupted_one(tmp_path, de
         assert resumed[step] == pytest.approx(clean[step], abs=1e-6), step
 
 
+def test_a_resume_without_a_checkpoint_starts_over_and_logs_each_step_once(tmp_path, demo_caches, models):
+    short = ("--max-steps", "2", "--global-batch-size", "8", "--micro-batch-size", "8", "--eval-cache", demo_caches["eval"],
+             "--no-save-model")
+    train(demo_caches["train"], models["policy"], tmp_path / "run", *short)
+    refused(train(demo_caches["train"], models["policy"], tmp_path / "run", *short, check=False), "already holds a run")
+    # What a kill before the first checkpoint leaves: metrics but no checkpoint. --resume starts over.
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    train(demo_caches["train"], models["policy"], tmp_path / "run", *short, "--resume")
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 2]  # eval at 0, two steps, eval at 2: once each
+
+
 def test_anchor_cache_moves_the_rewards_but_not_the_mask(tmp_path, demo_caches, models, score_config):
     common = ("--max-steps", "2", "--global-batch-size", "8", "--micro-batch-size", "8", "--learning-rate", "1e-3", "--no-save-model")
     train(demo_caches["train"], models["policy"], tmp_path / "plain", *common)
