@@ -85,6 +85,7 @@ class ScoreConfig:
     tensor_parallel_size: int = setting(1, "vllm backend: GPUs per model.")
     gpu_memory_utilization: float = setting(0.9, "vllm backend: fraction of GPU memory for the engine.")
     kv_cache_memory_bytes: int | None = setting(None, "vllm backend: KV cache size in bytes (needed on CPU).")
+    enforce_eager: bool = setting(False, "vllm backend: skip vLLM's torch.compile and CUDA graphs (quicker start-up, slower scoring).")
     progress: bool = setting(True, "Show a progress bar.")
 
     def __post_init__(self) -> None:

@@ -106,14 +106,15 @@ class VLLMScorer:
 
     def __init__(self, model_path: str, *, revision: str | None = None, dtype: str = "float32",
                  max_model_len: int = 1024, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.9, kv_cache_memory_bytes: int | None = None, seed: int = 0):
+                 gpu_memory_utilization: float = 0.9, kv_cache_memory_bytes: int | None = None, seed: int = 0,
+                 enforce_eager: bool = False):
         import vllm
 
         self.version = vllm.__version__
         options = dict(
             model=model_path, revision=revision, dtype=dtype, seed=seed,
             max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
-            enable_prefix_caching=False, gpu_memory_utilization=gpu_memory_utilization,
+            enable_prefix_caching=False, gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
         )
         if kv_cache_memory_bytes is not None:
             options["kv_cache_memory_bytes"] = kv_cache_memory_bytes
@@ -137,6 +138,6 @@ def make_scorer(cfg) -> Scorer:  # cfg: ScoreConfig
         return VLLMScorer(cfg.model, revision=cfg.revision, dtype=cfg.dtype, max_model_len=cfg.max_length + 1,  # + the one token vLLM must sample
                           tensor_parallel_size=cfg.tensor_parallel_size,
                           gpu_memory_utilization=cfg.gpu_memory_utilization,
-                          kv_cache_memory_bytes=cfg.kv_cache_memory_bytes)
+                          kv_cache_memory_bytes=cfg.kv_cache_memory_bytes, enforce_eager=cfg.enforce_eager)
     return HFScorer(cfg.model, revision=cfg.revision, dtype=cfg.dtype, device=cfg.device,
                     token_budget=cfg.token_budget, chunk_size=cfg.logprob_chunk, compile=cfg.compile)

@@ -56,9 +56,9 @@ def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: in
     return result
 
 
-def score(input_path: Path, output: Path, model: Path, *extra: str) -> subprocess.CompletedProcess:
+def score(input_path: Path, output: Path, model: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return run_cli("score-ref", "--input", input_path, "--output", output, "--model", model,
-                   "--max-length", "64", "--max-prompt-length", "32", "--no-progress", *extra)
+                   "--max-length", "64", "--max-prompt-length", "32", "--no-progress", *extra, env=env)
 
 
 @pytest.fixture(scope="session")
