@@ -78,6 +78,9 @@ class NaiveScorer:
                 results.append(per_token[prompt_length - 1:].tolist())
         return results
 
+    def close(self) -> None:
+        """Nothing to release (the `Scorer` protocol's close)."""
+
 
 def time_scorer(make, requests: list) -> tuple[dict, list[list[float]]]:
     started = time.perf_counter()
@@ -89,8 +92,7 @@ def time_scorer(make, requests: list) -> tuple[dict, list[list[float]]]:
     started = time.perf_counter()
     scores = scorer.score(requests)
     seconds = time.perf_counter() - started
-    if hasattr(scorer, "close"):  # vLLM's engine processes, stopped before the next backend starts
-        scorer.close()
+    scorer.close()  # vLLM's engine processes stop before the next backend starts
     tokens = sum(len(ids) for ids, _ in requests)
     return {"startup_s": startup, "warmup_s": warmup, "score_s": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
             "sequences_per_s": len(requests) / seconds}, scores

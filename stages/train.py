@@ -352,14 +352,14 @@ class RunFiles:
             return
         if self.metrics_path.exists():
             # Rows logged after the checkpoint we resume from will be produced again.
-            kept = [line for line in self.metrics_path.read_text().splitlines()
-                    if resume_step is not None and (step := _logged_step(line)) is not None and step <= resume_step]
+            lines = self.metrics_path.read_text().splitlines() if resume_step is not None else []
+            kept = [line for line in lines if (step := _logged_step(line)) is not None and step <= resume_step]
             tmp = self.metrics_path.with_name(".metrics.jsonl.tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.metrics_path)
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tensorboard = SummaryWriter(str(self.output / "tensorboard"), purge_step=(resume_step or -1) + 1)
+        self.tensorboard = SummaryWriter(str(self.output / "tensorboard"), purge_step=0 if resume_step is None else resume_step + 1)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self.rank != 0:
