@@ -43,7 +43,7 @@ def build_requests(s: dict, model: str) -> list[tuple[list[int], int]]:
     loaded from the model directory, as `score-ref` loads it)."""
     from selpipe.pipeline.formats import RawRow
     from selpipe.pipeline.tokenization import TokenizationSettings, tokenize_pair
-    from selpipe.stages.score_ref import load_tokenizer
+    from selpipe.pipeline.tokenization import load_tokenizer
 
     tokenizer = load_tokenizer(model)
     settings = TokenizationSettings(s["max_length"], s["max_prompt_length"])

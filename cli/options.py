@@ -40,6 +40,12 @@ def config_command(cls: type, run: Callable[[Any], None]) -> Callable[..., None]
         if not f.metadata.get("cli", True):
             continue
         kind, suffix = _option_type(hints[f.name])
+        if f.metadata.get("argument"):
+            parameters.append(inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind],
+                default=typer.Argument(None, help=f.metadata["help"], show_default=False),
+            ))
+            continue
         flag = f"--{f.name.replace('_', '-')}"
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = "" if default in ("", None) else f" [default: {default}]"

@@ -6,7 +6,7 @@ committed page matches what this script would write.
 
 from pathlib import Path
 
-from selpipe.pipeline.config import ScoreConfig, TrainConfig, settings_table
+from selpipe.pipeline.config import InspectConfig, ScoreConfig, TrainConfig, VerifyConfig, settings_table
 
 PAGE = Path(__file__).resolve().parent / "configuration.md"
 
@@ -28,6 +28,14 @@ cache, `config.json` in a training run).
 ## `selpipe train`
 
 {settings_table(TrainConfig)}
+
+## `selpipe inspect`
+
+{settings_table(InspectConfig)}
+
+## `selpipe verify`
+
+{settings_table(VerifyConfig)}
 """
 
 

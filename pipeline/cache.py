@@ -19,7 +19,6 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-import os
 import random
 import re
 from collections import Counter
@@ -32,7 +31,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .tokenization import fingerprint_differences
+from .atomic import atomic_path, write_json_atomic
+from .errors import CacheError
+from .tokenization import TokenizedPair, fingerprint_differences
 
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
@@ -62,16 +63,10 @@ PARQUET_OPTIONS: dict[str, Any] = {
 SHARD_PATTERN = re.compile(r"^part-(\d{5})-(\d{6})\.parquet$")
 
 
-class CacheError(ValueError):
-    """A cache that cannot be used as asked; the message says what differs and what to do."""
+@dataclass(frozen=True, kw_only=True)
+class ScoredPair(TokenizedPair):
+    """A tokenized pair with the reference's log-prob of every completion token (one cache row)."""
 
-
-@dataclass
-class ScoredPair:
-    id: str
-    prompt_ids: list[int]
-    chosen_ids: list[int]
-    rejected_ids: list[int]
     chosen_ref_logps: list[float]
     rejected_ref_logps: list[float]
 
@@ -109,12 +104,6 @@ class ShardRecord:
         return cls(**data)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -137,18 +126,15 @@ def write_shard(directory: Path, worker: int, index: int, pairs: list[ScoredPair
     """Write one shard and its record; the Parquet file appears only when complete."""
     name = shard_name(worker, index)
     final = directory / name
-    tmp = directory / f".{name}.{os.getpid()}.tmp"
-    pq.write_table(pairs_to_table(pairs), tmp, row_group_size=row_group_size, **PARQUET_OPTIONS)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    record = ShardRecord(
-        file=name, worker=worker, index=index, rows=len(pairs), bytes=tmp.stat().st_size,
-        sha256=file_sha256(tmp),
-        prompt_tokens=sum(len(p.prompt_ids) for p in pairs),
-        completion_tokens=sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs),
-        truncated=truncated, skipped=skipped,
-    )
-    os.replace(tmp, final)
+    with atomic_path(final, fsync=True) as tmp:
+        pq.write_table(pairs_to_table(pairs), tmp, row_group_size=row_group_size, **PARQUET_OPTIONS)
+        record = ShardRecord(
+            file=name, worker=worker, index=index, rows=len(pairs), bytes=tmp.stat().st_size,
+            sha256=file_sha256(tmp),
+            prompt_tokens=sum(len(p.prompt_ids) for p in pairs),
+            completion_tokens=sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs),
+            truncated=truncated, skipped=skipped,
+        )
     # The record is the completion marker: written last, so a record implies a whole shard.
     write_json_atomic(final.with_suffix(".json"), record.to_json())
     return record

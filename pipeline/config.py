@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 
+from .errors import ConfigError
+
 Backend = Literal["hf", "vllm"]
 DType = Literal["float32", "bfloat16", "float16"]
 Truncation = Literal["truncate", "skip"]
@@ -22,18 +24,16 @@ OnBadRow = Literal["error", "skip"]
 Schedule = Literal["linear", "cosine", "constant"]
 
 
-class ConfigError(ValueError):
-    """A setting that cannot work; the message says which one and what to do."""
-
-
-def setting(default: Any, help: str, *, identity: bool = False, cli: bool = True, **kwargs: Any) -> Any:
+def setting(default: Any, help: str, *, identity: bool = False, cli: bool = True, argument: bool = False,
+            **kwargs: Any) -> Any:
     """A dataclass field with its help text.
 
     `identity` marks score-ref settings that change what lands in the cache: a rerun into an
     existing cache must agree on all of them. (The model and the input are not among them: they
-    are compared by content, since one may be mounted at another path.)
+    are compared by content, since one may be mounted at another path.) `argument` makes the
+    setting a positional command-line argument instead of a flag.
     """
-    metadata = {"help": help, "identity": identity, "cli": cli}
+    metadata = {"help": help, "identity": identity, "cli": cli, "argument": argument}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
     return field(default=default, metadata=metadata, **kwargs)
@@ -189,7 +189,53 @@ class TrainConfig:
         return self.global_batch_size // per_step
 
 
-ConfigT = TypeVar("ConfigT", ScoreConfig, TrainConfig)
+@dataclass
+class InspectConfig:
+    """Settings of `selpipe inspect`: what a cache holds, and optionally a page of sample pairs."""
+
+    cache: str = setting("", "Score cache directory.", argument=True)
+    json: bool = setting(False, "Print the report as JSON.")
+    html: str | None = setting(None, "Also write an HTML page of sample pairs, tokens shaded.")
+    policy: str | None = setting(None, "With --html: shade by alignment score against this policy and mark the selected "
+                                       "tokens (else shade by reference log-prob).")
+    samples: int = setting(8, "With --html: pairs to render.")
+    top_k: float = setting(0.4, "With --html and --policy: the k of the mask.")
+    seed: int = setting(0, "With --html: seed of the sample.")
+
+    def __post_init__(self) -> None:
+        if not self.cache:
+            raise ConfigError("CACHE is required: give a score cache directory")
+        _check_positive(self, "samples")
+        if not 0.0 < self.top_k <= 1.0:
+            raise ConfigError(f"--top-k must be in (0, 1]; got {self.top_k}")
+
+
+@dataclass
+class VerifyConfig:
+    """Settings of `selpipe verify`: recompute a random sample of a cache with transformers."""
+
+    cache: str = setting("", "Score cache directory.", argument=True)
+    model: str = setting("", "The reference model, loaded with transformers.")
+    sample: int = setting(64, "Pairs to recompute.")
+    tolerance: float = setting(1e-3, "Largest per-token |difference| that passes.")
+    seed: int = setting(0, "Seed of the sample.")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N.")
+    dtype: DType | None = setting(None, "Weights dtype (default: the cache's).")
+    token_budget: int = setting(16384, "Most padded tokens in one forward batch.")
+
+    def __post_init__(self) -> None:
+        if not self.cache:
+            raise ConfigError("CACHE is required: give a score cache directory")
+        if not self.model:
+            raise ConfigError("--model is required")
+        _check_positive(self, "sample", "token_budget")
+        if self.tolerance < 0:
+            raise ConfigError(f"--tolerance must be at least 0; got {self.tolerance}")
+        if self.dtype is not None:
+            _check_choice(self, "dtype", DType)
+
+
+ConfigT = TypeVar("ConfigT", ScoreConfig, TrainConfig, InspectConfig, VerifyConfig)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -236,5 +282,6 @@ def settings_table(cls: type) -> str:
     rows = ["| setting | default | meaning |", "| --- | --- | --- |"]
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        rows.append(f"| `--{f.name.replace('_', '-')}` | `{default!r}` | {f.metadata['help']} |")
+        name = f.name.upper() if f.metadata["argument"] else f"--{f.name.replace('_', '-')}"
+        rows.append(f"| `{name}` | `{default!r}` | {f.metadata['help']} |")
     return "\n".join(rows)

@@ -18,20 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import BadRowError, InputError
+
 FIELDS = ("prompt", "chosen", "rejected")
-
-
-class InputError(ValueError):
-    """The input as a whole cannot be read (missing file, wrong kind)."""
-
-
-class BadRowError(ValueError):
-    """One row is malformed. `reason` is a short key for skip counts."""
-
-    def __init__(self, source: str, row: int, field: str | None, reason: str, detail: str, row_id: str | None = None):
-        self.source, self.row, self.field, self.reason, self.row_id = source, row, field, reason, row_id
-        where = f"{source}: row {row}" + (f" (id {row_id})" if row_id else "")
-        super().__init__(f"{where}, field '{field}': {detail}" if field else f"{where}: {detail}")
 
 
 @dataclass(frozen=True)

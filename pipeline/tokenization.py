@@ -19,7 +19,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .formats import BadRowError, RawRow
+from .errors import BadRowError, ConfigError
+from .formats import RawRow
 
 
 @dataclass(frozen=True)
@@ -146,3 +147,21 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, str]:
 def fingerprint_differences(expected: dict[str, str], actual: dict[str, str]) -> list[str]:
     """Names of the tokenizer parts whose hashes differ."""
     return sorted(name for name in set(expected) | set(actual) if name != "all" and expected.get(name) != actual.get(name))
+
+
+def load_tokenizer(model: str, revision: str | None = None) -> Any:
+    """The model's tokenizer, or a one-line error saying the model cannot be found or read."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model, revision=revision)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        # A missing directory, a damaged tokenizer.json or config: all the user's to fix.
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"cannot load a tokenizer from {model!r}: give a local model directory with a readable "
+                          f"tokenizer (no downloads here) ({first[:300]})") from None
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id that fills padding; any id works (padding is masked out), 0 when the tokenizer has none."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

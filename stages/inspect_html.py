@@ -30,7 +30,7 @@ from selpipe.pipeline.config import ConfigError
 from selpipe.pipeline.logprobs import completion_logprobs, to_padded
 from selpipe.pipeline.selection import alignment_scores, top_k_mask
 from selpipe.pipeline.tokenization import tokenizer_fingerprint
-from selpipe.stages.score_ref import load_tokenizer
+from selpipe.pipeline.tokenization import load_tokenizer, pad_id
 from selpipe.pipeline.cache import sample_rows
 
 SIDES = ("chosen", "rejected")
@@ -109,9 +109,9 @@ def render_html(cache_dir: str | Path, out_file: str | Path, policy: str | Path 
     else:
         tokenizer = load_tokenizer(manifest["reference"]["model"], manifest["reference"]["revision"])
     picked = sample_rows(cache_dir, manifest, samples, seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    padding = pad_id(tokenizer)
 
-    per_side = _selection(str(policy), picked, pad_id, top_k) if policy is not None and picked else {}
+    per_side = _selection(str(policy), picked, padding, top_k) if policy is not None and picked else {}
     # Colour saturates at the 95th percentile of |value|, so one extreme token does not wash out the rest.
     if per_side:
         shown = torch.cat([v["scores"][v["mask"]].abs() for v in per_side.values()])

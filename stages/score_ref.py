@@ -27,7 +27,9 @@ from selpipe.pipeline.cache import (
 )
 from selpipe.pipeline.config import ConfigError, ScoreConfig, to_dict
 from selpipe.pipeline.formats import BadRowError, InputError, Record, fingerprint_input, input_kind, parse_row, read_records
-from selpipe.pipeline.tokenization import TokenizationSettings, TokenizedPair, tokenize_pair, tokenizer_fingerprint
+from selpipe.pipeline.tokenization import (
+    TokenizationSettings, TokenizedPair, load_tokenizer, tokenize_pair, tokenizer_fingerprint,
+)
 
 # Reasons that are skips by the user's own choice (`--truncation skip`), not malformed input.
 USER_REQUESTED_SKIPS = {"too_long"}
@@ -179,7 +181,8 @@ def _score_pairs(scorer: Any, pairs: list[TokenizedPair]) -> list[ScoredPair]:
         requests.append((pair.chosen_sequence, len(pair.prompt_ids)))
         requests.append((pair.rejected_sequence, len(pair.prompt_ids)))
     logps = scorer.score(requests)
-    return [ScoredPair(p.id, p.prompt_ids, p.chosen_ids, p.rejected_ids, logps[2 * i], logps[2 * i + 1])
+    return [ScoredPair(id=p.id, prompt_ids=p.prompt_ids, chosen_ids=p.chosen_ids, rejected_ids=p.rejected_ids,
+                       truncated=p.truncated, chosen_ref_logps=logps[2 * i], rejected_ref_logps=logps[2 * i + 1])
             for i, p in enumerate(pairs)]
 
 
@@ -260,17 +263,6 @@ def _parsed_rows(cfg: ScoreConfig, records: list[Record]) -> Iterator[Any]:
             yield parse_row(source, record)
         except BadRowError:
             continue
-
-
-def load_tokenizer(model: str, revision: str | None = None) -> Any:
-    """The model's tokenizer, or a one-line error saying the model cannot be found."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model, revision=revision)
-    except OSError as err:
-        raise ConfigError(f"cannot load a tokenizer from {model!r}: give a local model directory "
-                          f"(no downloads here) ({str(err).splitlines()[0]})") from None
 
 
 def _backend_version(backend: str) -> str | None:

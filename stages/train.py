@@ -45,7 +45,7 @@ from selpipe.pipeline.selection import quantile_threshold
 from selpipe.pipeline.stream import CacheStream, StreamPosition, eval_shards
 from selpipe.pipeline.tokenization import tokenizer_fingerprint
 
-from .score_ref import load_tokenizer
+from selpipe.pipeline.tokenization import load_tokenizer
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 

@@ -10,7 +10,7 @@ from selpipe.pipeline.cache import (
 
 
 def test_shard_round_trip_encodings_and_completion_marker(tmp_path):
-    pairs = [ScoredPair(f"r{i}", [1, 2], [3, 4, 5], [6], [-0.5, -1.25, -2.0], [-3.0]) for i in range(10)]
+    pairs = [ScoredPair(id=f"r{i}", prompt_ids=[1, 2], chosen_ids=[3, 4, 5], rejected_ids=[6], chosen_ref_logps=[-0.5, -1.25, -2.0], rejected_ref_logps=[-3.0]) for i in range(10)]
     record = write_shard(tmp_path, 0, 0, pairs, [], truncated=0, row_group_size=4)
     parquet = pq.ParquetFile(tmp_path / record.file)
     assert parquet.metadata.num_row_groups == 3 and record.rows == 10 and record.completion_tokens == 40

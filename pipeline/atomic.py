@@ -1,0 +1,65 @@
+"""Atomic writes: a file (or directory) appears under its final name only when it is complete.
+
+Everything selpipe writes goes through these helpers, so a kill at any moment leaves either the
+old file or the new one, never a torn one, and never a stray temporary file after an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+def temporary_name(path: Path) -> Path:
+    """A hidden sibling of `path`, unique to this process."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+@contextmanager
+def atomic_path(path: str | Path, *, fsync: bool = False) -> Iterator[Path]:
+    """Yield a temporary path to write; on success rename it onto `path`, on error remove it.
+
+    Works for a file or a directory written under the temporary path. A directory replaces an
+    existing one at `path` (only call it for a directory this run owns).
+    """
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        yield tmp
+        if fsync and tmp.is_file():
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+        if tmp.is_dir() and path.is_dir():
+            # os.replace cannot replace a non-empty directory: move the old one aside first.
+            old = path.with_name(f".{path.name}.{os.getpid()}.old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_with(path: str | Path, writer: Callable[[Path], None], *, fsync: bool = False) -> None:
+    """`writer(tmp)` writes the content; it lands at `path` only if the writer returns."""
+    with atomic_path(path, fsync=fsync) as tmp:
+        writer(tmp)
