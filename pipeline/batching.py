@@ -3,17 +3,26 @@
 Chosen and rejected sequences of B pairs go through the model as one batch of 2B right-padded
 rows (chosen first). Per-token values are laid out per side as [B, L] with a completion mask,
 aligned with the completion tokens (not with sequence positions), which is what the loss takes.
+
+Every row of a micro batch is padded to its longest sequence, so which pairs share a micro batch
+decides how much of the forward is padding. `order_for_micro_batches` groups a rank's rows of
+one global batch by length before they are cut into micro batches (the optimizer step sees the
+same pairs), and `length_bucketed_order` goes one step further for the stream's shuffle window
+(the global batches themselves are made of similar lengths).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+import numpy as np
 import torch
 
 from .cache import CacheError
 from .logprobs import completion_target_mask, pad_sequences, to_padded
+from .selection import alignment_scores, top_k_mask
 
 
 @dataclass
@@ -63,3 +72,67 @@ def collate_pairs(rows: list[dict[str, Any]], pad_id: int = 0, weights: list[flo
         weights=torch.tensor(weights if weights is not None else [1.0] * len(rows), dtype=torch.float32),
         completion_lengths=completion_lengths,
     )
+
+
+def top_k_selector(batch: PairBatch, top_k: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The `select` of `selective_completion_logprobs` for this batch: the tokens that
+    `selective_dpo_loss` will select from these log-probs, as a flat bool [N].
+
+    Same scores (the scoring reference, not the anchor), same per-sequence threshold, same
+    layout: `to_padded` over the completion lengths, chosen rows first.
+    """
+    pairs, lengths = batch.pairs, batch.completion_lengths
+
+    def select(flat: torch.Tensor) -> torch.Tensor:
+        policy, mask = to_padded(flat, lengths)
+        reference = batch.reference.to(flat.device)
+        chosen = top_k_mask(alignment_scores(policy[:pairs], reference[:pairs], chosen=True), mask[:pairs], top_k)
+        rejected = top_k_mask(alignment_scores(policy[pairs:], reference[pairs:], chosen=False), mask[pairs:], top_k)
+        return torch.cat([chosen, rejected])[mask]
+
+    return select
+
+
+def pair_width(row: dict[str, Any]) -> int:
+    """The padded width a pair forces on its micro batch: prompt plus its longer completion."""
+    return len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+
+
+def order_for_micro_batches(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """This rank's rows of one global batch, widest first, ready to be cut into micro batches.
+
+    Sorted by `pair_width` (the micro batch pads to its widest pair), then total tokens, then id,
+    so the order is deterministic. The step's gradient is unchanged: every micro batch holds the
+    same number of pairs, its loss is their mean, and the step sums the micro batches' gradients;
+    only the summation order differs. Widest first puts the step's peak memory in its first
+    micro batch, where a too-large setting fails at once.
+    """
+    def key(row: dict[str, Any]) -> tuple[int, int, str]:
+        total = 2 * len(row["prompt_ids"]) + len(row["chosen_ids"]) + len(row["rejected_ids"])
+        return -pair_width(row), -total, str(row["id"])
+
+    return sorted(rows, key=key)
+
+
+def length_bucketed_order(widths: Sequence[int], batch_size: int, generator: np.random.Generator,
+                          offset: int = 0) -> list[int]:
+    """A permutation of a shuffle window's rows in which every global batch holds similar widths.
+
+    `offset` is the stream position of the window's first row: global batches start at multiples
+    of `batch_size`, so the window's first `(-offset) % batch_size` rows complete a batch begun in
+    the previous window, and its last rows begin one that the next window completes. Those rows
+    are drawn at random. The others are shuffled, stably sorted by width (equal widths stay in
+    random order), cut into blocks of `batch_size`, and the blocks shuffled: each global batch
+    wholly inside the window is a random block of neighbouring widths, in random block order.
+    Deterministic given `generator`'s seed.
+
+    Unlike `order_for_micro_batches`, this changes which pairs train together (a batch's
+    composition now correlates with length), which is why it is opt-in.
+    """
+    shuffled = generator.permutation(len(widths))
+    head = min((-offset) % batch_size, len(shuffled))
+    tail = (len(shuffled) - head) % batch_size
+    middle = shuffled[head:len(shuffled) - tail]
+    by_width = middle[np.argsort(np.asarray(widths)[middle], kind="stable")]
+    blocks = by_width.reshape(-1, batch_size)[generator.permutation(len(by_width) // batch_size)]
+    return [int(i) for i in np.concatenate([shuffled[:head], blocks.ravel(), shuffled[len(shuffled) - tail:]])]

@@ -2,7 +2,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from selpipe.pipeline.logprobs import check_output_head, completion_logprobs, completion_target_mask, pad_sequences, to_padded
+from selpipe.pipeline.batching import collate_pairs, top_k_selector
+from selpipe.pipeline.logprobs import (
+    check_output_head, completion_logprobs, completion_target_mask, pad_sequences, selective_completion_logprobs, to_padded,
+)
+from selpipe.pipeline.loss import selective_dpo_loss
 
 
 def naive(model, sequences, prompt_lengths):
@@ -112,3 +116,89 @@ def test_a_head_transform_selpipe_does_not_know_is_refused(model):
     check_output_head(model)
     with pytest.raises(ValueError, match="does not reproduce"):
         check_output_head(Doubled(model))
+
+
+def pair_rows(seed: int = 0) -> list[dict]:
+    """Six pairs of random tokens; reference log-probs drawn apart from the policy's, so the
+    alignment scores differ and top-k selects a real subset."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for index, (p, c, r) in enumerate([(3, 9, 7), (1, 12, 2), (6, 4, 11), (2, 1, 3), (5, 8, 8), (4, 6, 5)]):
+        ids = [torch.randint(3, 500, (n,), generator=generator).tolist() for n in (p, c, r)]
+        rows.append({"id": f"p{index}", "prompt_ids": ids[0], "chosen_ids": ids[1], "rejected_ids": ids[2],
+                     "chosen_ref_logps": (-8 * torch.rand(c, generator=generator)).tolist(),
+                     "rejected_ref_logps": (-8 * torch.rand(r, generator=generator)).tolist()})
+    return rows
+
+
+def selective_loss(flat, batch, top_k=0.4):
+    """The trainer's loss: `selective_dpo_loss` over the padded policy log-probs, mean over pairs."""
+    policy, mask = to_padded(flat, batch.completion_lengths)
+    b = batch.pairs
+    out = selective_dpo_loss(policy[:b], policy[b:], batch.reference[:b], batch.reference[b:], mask[:b], mask[b:],
+                             top_k=top_k, beta=0.1)
+    return out.losses.mean(), torch.cat([out.chosen_selected, out.rejected_selected])[mask]
+
+
+@pytest.mark.parametrize("chunk_size", [5, 4096])  # checkpointed chunks; one chunk kept for backward
+def test_selective_head_gives_the_full_heads_values_and_gradient(models, chunk_size):
+    """Same values bit for bit, and, under the selective loss (zero gradient off the mask), the
+    same gradient for every parameter within 1e-6 of its norm."""
+    model = AutoModelForCausalLM.from_pretrained(models["policy"])
+    batch = collate_pairs(pair_rows())
+    inputs = (model, batch.input_ids, batch.attention_mask, batch.target_mask)
+
+    full = completion_logprobs(*inputs, chunk_size=chunk_size)
+    loss, selected = selective_loss(full, batch)
+    loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert 0 < selected.sum() < selected.numel()  # a real subset
+
+    model.zero_grad()
+    flat = selective_completion_logprobs(*inputs, select=top_k_selector(batch, 0.4), chunk_size=chunk_size)
+    assert torch.equal(flat, full)
+    loss_again, selected_again = selective_loss(flat, batch)
+    assert torch.equal(selected_again, selected) and torch.equal(loss_again, loss)
+    loss_again.backward()
+    for name, param in model.named_parameters():
+        error = (param.grad - expected[name]).norm() / expected[name].norm()
+        assert error <= 1e-6, f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("chunk_size", [5, 4096])
+def test_unselected_positions_have_no_gradient_path(models, chunk_size):
+    """The head runs with gradient on the selected rows only, and an unselected log-prob has no
+    gradient with respect to any parameter."""
+    model = AutoModelForCausalLM.from_pretrained(models["policy"])
+    batch = collate_pairs(pair_rows(1))
+    select = top_k_selector(batch, 0.4)
+    rows_with_grad = []
+    hook = model.lm_head.register_forward_hook(
+        lambda module, args, out: rows_with_grad.append(args[0].shape[0]) if torch.is_grad_enabled() else None)
+    flat = selective_completion_logprobs(model, batch.input_ids, batch.attention_mask, batch.target_mask, select, chunk_size)
+    hook.remove()
+    selected = select(flat.detach())
+    assert sum(rows_with_grad) == selected.sum() < selected.numel()
+    params = [p for p in model.parameters()]
+    grads = torch.autograd.grad(flat[~selected].sum(), params, allow_unused=True)
+    assert all(g is None or not g.any() for g in grads)
+
+
+def test_selective_head_without_gradient_is_the_plain_head(model):
+    batch = collate_pairs(pair_rows(2))
+
+    def never(flat):
+        raise AssertionError("select is for gradients only")
+
+    with torch.no_grad():
+        plain = completion_logprobs(model, batch.input_ids, batch.attention_mask, batch.target_mask, 7)
+        selective = selective_completion_logprobs(model, batch.input_ids, batch.attention_mask, batch.target_mask, never, 7)
+    assert torch.equal(selective, plain)
+
+
+def test_select_must_return_one_bool_per_log_prob(models):
+    model = AutoModelForCausalLM.from_pretrained(models["policy"])
+    batch = collate_pairs(pair_rows())
+    with pytest.raises(ValueError, match="select must return a bool tensor of shape"):
+        selective_completion_logprobs(model, batch.input_ids, batch.attention_mask, batch.target_mask,
+                                      lambda flat: (flat < -5)[1:], 7)
