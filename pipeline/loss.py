@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +51,8 @@ class SelectiveDPOOutput:
     nll: torch.Tensor               # [B], detached: mean NLL of the chosen response over the rpo tokens
 
 
-RPO_TOKENS = ("all", "selected")
+RpoTokens = Literal["all", "selected"]
+RPO_TOKENS: tuple[str, ...] = get_args(RpoTokens)
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class LossSettings:
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
     rpo_alpha: float = 0.0
-    rpo_tokens: str = "all"
+    rpo_tokens: RpoTokens = "all"
 
     def __post_init__(self) -> None:
         if self.loss_type not in LOSSES:
@@ -247,7 +248,7 @@ def selective_dpo_loss(
     loss_type: str = "sigmoid",
     simpo_gamma: float = 0.5,
     rpo_alpha: float = 0.0,
-    rpo_tokens: str = "all",
+    rpo_tokens: RpoTokens = "all",
 ) -> SelectiveDPOOutput:
     """Per-pair Selective-DPO losses; see the module docstring for the math.
 

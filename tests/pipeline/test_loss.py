@@ -304,6 +304,7 @@ TRL_PARITY = {
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_k_one_equals_trl_for_each_loss(trl_batch, loss_type):
+    """At k = 1 each loss is TRL's loss of the same kind, on the same per-token log-probs."""
     if TRL_PARITY[loss_type] is None:
         pytest.skip(f"TRL 1.16 has no {loss_type} loss")
     trl_loss, settings = TRL_PARITY[loss_type](trl_batch)
@@ -345,3 +346,10 @@ def test_rpo_term_against_trls_sft_term(trl_batch):
     assert (trl_loss - bare) / alpha == pytest.approx(token_mean_nll.item(), rel=1e-6)
     assert ours.losses.mean().item() == pytest.approx(bare + alpha * ours.nll.mean().item(), rel=1e-6)
     assert abs(ours.losses.mean().item() - trl_loss) > 1e-4
+    # A batch of one pair has nothing to weigh: there TRL's loss and ours are the same number.
+    full, pairs = trl_batch.batch, len(counts)
+    for i in range(pairs):
+        one = {key: value[[i, pairs + i]] for key, value in full.items() if not key.startswith("ref_")}
+        one.update(ref_chosen_logps=full["ref_chosen_logps"][[i]], ref_rejected_logps=full["ref_rejected_logps"][[i]])
+        trl_one = trl_dpo_loss(types.SimpleNamespace(trainer=trl_batch.trainer, batch=one), ["sigmoid", "sft"], [1.0, alpha])
+        assert ours.losses[i].item() == pytest.approx(trl_one, rel=1e-6, abs=1e-6)
