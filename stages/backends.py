@@ -8,13 +8,19 @@ float noise (which `selpipe verify` measures).
 
 from __future__ import annotations
 
-from typing import Protocol
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 
 from selpipe.pipeline.logprobs import check_output_head, completion_logprobs, completion_target_mask, pad_sequences
+from selpipe.pipeline.prefix import check_shared_prompts, pack_shared_prompts, shared_prompt_logprobs
 
 Request = tuple[list[int], int]
+
+# A doubled token budget must score this much faster to count as faster (timing noise is ~5%).
+BUDGET_GAIN = 1.05
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -22,6 +28,7 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 class Scorer(Protocol):
     name: str
     version: str
+    info: dict[str, Any]  # settings the backend chose itself, for the run's summary
 
     def score(self, requests: list[Request]) -> list[list[float]]: ...
 
@@ -50,14 +57,88 @@ def token_budget_batches(lengths: list[int], token_budget: int) -> list[list[int
     return batches
 
 
+def token_budget_rates(
+    model: torch.nn.Module, max_length: int, *, chunk_size: int = 256, largest: int | None = None,
+    gain: float = BUDGET_GAIN, measure: Callable[[int], float] | None = None,
+) -> dict[int, float]:
+    """Scoring tokens/s at doubling token budgets, from one `max_length` row up, while doubling pays.
+
+    Each budget is timed on one batch of `budget // max_length` rows of `max_length` random
+    tokens (the widest batch the budget allows, so also its peak memory), the last three quarters
+    of each row scored as completion. Measuring stops at the first budget that is not `gain`
+    times faster than the best before it, at `largest` (16,384 tokens on CPU, the old fixed
+    default; 65,536 on a GPU), or when a GPU runs out of memory. `measure(budget) -> tokens/s`
+    replaces the timing (tests).
+
+    Why measure: on CPU a small model's activations at 16,384 tokens overflow the caches and
+    bigger batches run slower per token (1.36x slower than at 1,024 tokens in the audit), while a
+    large model is GEMM-bound and indifferent; on a GPU bigger batches fill the device. Doubling
+    from one row costs a few forwards of at most twice the chosen budget.
+    """
+    device = next(model.parameters()).device
+    largest = largest or (65536 if device.type == "cuda" else 16384)
+    measure = measure or (lambda budget: _scoring_rate(model, max_length, budget, chunk_size))
+    measure(max_length)  # warm-up: kernels, allocator, thread pool
+    rates: dict[int, float] = {}
+    budget = max_length
+    while budget <= largest:
+        try:
+            rate = measure(budget)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            break
+        best = max(rates.values(), default=0.0)
+        rates[budget] = rate
+        if best and rate < gain * best:
+            break
+        budget *= 2
+    return rates
+
+
+def choose_token_budget(model: torch.nn.Module, max_length: int, *, chunk_size: int = 256, largest: int | None = None,
+                        gain: float = BUDGET_GAIN, measure: Callable[[int], float] | None = None) -> int:
+    """The smallest measured budget within `gain` of the fastest (less memory for the same speed);
+    see `token_budget_rates`."""
+    return _smallest_near_best(token_budget_rates(model, max_length, chunk_size=chunk_size, largest=largest,
+                                                  gain=gain, measure=measure), gain)
+
+
+def _smallest_near_best(rates: dict[int, float], gain: float) -> int:
+    best = max(rates.values())
+    return min(budget for budget, rate in rates.items() if rate * gain >= best)
+
+
+@torch.inference_mode()
+def _scoring_rate(model: torch.nn.Module, max_length: int, budget: int, chunk_size: int) -> float:
+    device = next(model.parameters()).device
+    rows = budget // max_length
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, model.config.vocab_size, (rows, max_length), generator=generator).to(device)
+    prompt = max_length // 4
+    target = completion_target_mask([prompt] * rows, [max_length - prompt] * rows, max_length).to(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    completion_logprobs(model, input_ids, torch.ones_like(input_ids), target, chunk_size)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return rows * max_length / (time.perf_counter() - started)
+
+
 class HFScorer:
-    """transformers backend: batched by token budget, log-softmax only at completion positions."""
+    """transformers backend: batched by token budget, log-softmax only at completion positions.
+
+    `token_budget="auto"` measures the fastest budget for this model on this device at start-up
+    (`choose_token_budget`; needs `max_length`). `share_prompts` runs each prompt once for all
+    the requests that share it (`selpipe.pipeline.prefix`), refusing at start-up a model whose
+    attention cannot take the mask. `info` records what was chosen.
+    """
 
     name = "hf"
 
     def __init__(self, model_path: str, *, revision: str | None = None, dtype: str = "float32",
-                 device: str = "auto", token_budget: int = 16384, chunk_size: int = 256, pad_id: int = 0,
-                 compile: bool = False):
+                 device: str = "auto", token_budget: int | str = 16384, chunk_size: int = 256, pad_id: int = 0,
+                 compile: bool = False, share_prompts: bool = False, max_length: int | None = None):
         import transformers
         from transformers import AutoModelForCausalLM
 
@@ -66,7 +147,17 @@ class HFScorer:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, revision=revision, dtype=TORCH_DTYPES[dtype]).to(self.device)
         self.model.eval()
         check_output_head(self.model)
-        self.token_budget, self.chunk_size, self.pad_id = token_budget, chunk_size, pad_id
+        if share_prompts:
+            check_shared_prompts(self.model)
+        self.chunk_size, self.pad_id, self.share_prompts = chunk_size, pad_id, share_prompts
+        self.info: dict[str, Any] = {"share_prompts": share_prompts}
+        if token_budget == "auto":
+            if max_length is None:
+                raise ValueError("token_budget='auto' measures batches of max_length tokens; give max_length")
+            rates = token_budget_rates(self.model, max_length, chunk_size=chunk_size)
+            token_budget = _smallest_near_best(rates, BUDGET_GAIN)
+            self.info["token_budget_rates"] = {str(b): round(r, 1) for b, r in rates.items()}
+        self.token_budget = self.info["token_budget"] = int(token_budget)
         if compile:
             self._compile()
 
@@ -86,6 +177,8 @@ class HFScorer:
 
     @torch.inference_mode()
     def score(self, requests: list[Request]) -> list[list[float]]:
+        if self.share_prompts:
+            return self._score_shared(requests)
         results: list[list[float]] = [[] for _ in requests]
         for batch in token_budget_batches([len(ids) for ids, _ in requests], self.token_budget):
             sequences = [requests[i][0] for i in batch]
@@ -97,6 +190,22 @@ class HFScorer:
                                        target.to(self.device), self.chunk_size).cpu()
             for i, piece in zip(batch, flat.split(completion_lengths)):
                 results[i] = piece.tolist()
+        return results
+
+    def _score_shared(self, requests: list[Request]) -> list[list[float]]:
+        """One packed row per distinct prompt, holding every requested completion of it."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index, (ids, prompt_length) in enumerate(requests):
+            groups.setdefault(tuple(ids[:prompt_length]), []).append(index)
+        prompts, members = list(groups), list(groups.values())
+        lengths = [len(p) + sum(len(requests[i][0]) - len(p) for i in m) for p, m in zip(prompts, members)]
+        results: list[list[float]] = [[] for _ in requests]
+        for batch in token_budget_batches(lengths, self.token_budget):
+            packed = pack_shared_prompts([prompts[g] for g in batch],
+                                         [[requests[i][0][len(prompts[g]):] for i in members[g]] for g in batch], self.pad_id)
+            flat = shared_prompt_logprobs(self.model, packed.to(self.device), self.chunk_size).cpu()
+            for (row, slot), piece in zip(packed.completions, flat.split(packed.completion_lengths)):
+                results[members[batch[row]][slot]] = piece.tolist()
         return results
 
 
@@ -116,6 +225,7 @@ class VLLMScorer:
         import vllm
 
         self.version = vllm.__version__
+        self.info: dict[str, Any] = {}
         options = dict(
             model=model_path, revision=revision, dtype=dtype, seed=seed,
             max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
@@ -149,4 +259,5 @@ def make_scorer(cfg) -> Scorer:  # cfg: ScoreConfig
                           gpu_memory_utilization=cfg.gpu_memory_utilization,
                           kv_cache_memory_bytes=cfg.kv_cache_memory_bytes, enforce_eager=cfg.enforce_eager)
     return HFScorer(cfg.model, revision=cfg.revision, dtype=cfg.dtype, device=cfg.device,
-                    token_budget=cfg.token_budget, chunk_size=cfg.logprob_chunk, compile=cfg.compile)
+                    token_budget=cfg.token_budget, chunk_size=cfg.logprob_chunk, compile=cfg.compile,
+                    max_length=cfg.max_length)
