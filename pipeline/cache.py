@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .atomic import atomic_path, write_json_atomic
@@ -184,6 +185,10 @@ def write_manifest(directory: Path, header: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
+# What training reads from a manifest, with its JSON type.
+MANIFEST_KEYS = {"shards": list, "totals": dict, "tokenizer_fingerprint": dict, "reference": dict, "tokenization": dict}
+
+
 def load_manifest(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     path = directory / "manifest.json"
@@ -195,13 +200,23 @@ def load_manifest(directory: str | Path) -> dict[str, Any]:
             missing = sorted(set(range(workers)) - set(done))
             raise CacheError(f"{directory}: cache incomplete, workers {missing} of {workers} have not finished; rerun them")
         raise CacheError(f"{directory}: not a score cache (no manifest.json)")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CacheError(f"{path}: damaged manifest, not valid JSON ({err}); rerun `selpipe score-ref` with the same "
+                         f"settings to rewrite it") from None
+    if not isinstance(manifest, dict):
+        raise CacheError(f"{path}: damaged manifest, not a JSON object; rerun `selpipe score-ref` to rewrite it")
     version = manifest.get("schema_version")
     if version not in SUPPORTED_SCHEMA_VERSIONS:
         raise CacheError(
             f"{directory}: cache schema version {version} is not one this selpipe knows "
             f"({', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))}); rescore with this version or upgrade selpipe"
         )
+    missing = [key for key, kind in MANIFEST_KEYS.items() if not isinstance(manifest.get(key), kind)]
+    if missing:
+        raise CacheError(f"{path}: damaged manifest, missing or malformed: {', '.join(missing)}; rerun `selpipe score-ref` "
+                         f"with the same settings to rewrite it")
     return manifest
 
 
@@ -275,3 +290,142 @@ def sample_rows(path: str | Path, manifest: dict[str, Any], sample: int, seed: i
             rows += _read_local_rows(Path(path) / shard["file"], local)
         start = stop
     return rows
+
+
+# ---------------------------------------------------------------------------- validation before training
+
+# log-softmax in fp32 can round a near-certain token's log-prob a few ulps above 0 (the logits'
+# ulps, about 4e-6 at a logit of 30); anything larger is not a log-prob.
+LOGP_ROUNDING_SLACK = 1e-4
+RECORD_TOTALS = ("rows", "bytes", "prompt_tokens", "completion_tokens")
+
+
+def check_layout(directory: str | Path, manifest: dict[str, Any]) -> None:
+    """The manifest and the directory agree: every listed shard is a bare shard name present here,
+    every shard file here is listed, and the totals equal the sum of the shard records."""
+    directory = Path(directory)
+    listed = []
+    for position, shard in enumerate(manifest["shards"]):
+        name = shard.get("file") if isinstance(shard, dict) else None
+        if not isinstance(name, str) or not SHARD_PATTERN.match(name):
+            raise CacheError(f"{directory / 'manifest.json'}: shard entry {position} names {name!r}, not a shard file of "
+                             f"this cache (part-WWWWW-SSSSSS.parquet); the manifest is damaged or foreign: rescore")
+        bad = [key for key in ("rows", *RECORD_TOTALS[1:]) if not isinstance(shard.get(key), int) or shard[key] < 0]
+        if bad:
+            raise CacheError(f"{directory / 'manifest.json'}: shard {name} has malformed {', '.join(bad)}; rescore")
+        listed.append(name)
+    present = sorted(p.name for p in directory.glob("part-*.parquet"))
+    unlisted = sorted(set(present) - set(listed))
+    if unlisted:
+        raise CacheError(f"{directory}: shard file(s) {', '.join(unlisted[:3])} are not in the manifest; remove them or "
+                         f"rescore (a cache must hold exactly the shards its manifest lists)")
+    for key in RECORD_TOTALS:
+        total = sum(shard[key] for shard in manifest["shards"])
+        if manifest["totals"].get(key) != total:
+            raise CacheError(f"{directory / 'manifest.json'}: totals.{key} is {manifest['totals'].get(key)!r} but the "
+                             f"shards add up to {total}; the manifest is damaged: rescore")
+
+
+def _values(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    return pc.list_flatten(column)
+
+
+def check_row_group(where: str, table: pa.Table, vocab_size: int) -> None:
+    """Values one row group must hold to be trained on; Arrow compute, no Python loop over tokens."""
+    for name in SCHEMA.names:
+        if table.column(name).null_count:
+            raise CacheError(f"{where}: column {name} holds nulls; rescore")
+    for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        lengths = pc.list_value_length(table.column(column))
+        if pc.min(lengths).as_py() < 1:
+            row = pc.index(pc.less(lengths, 1), True).as_py()
+            raise CacheError(f"{where}: row {table.column('id')[row]} has an empty {column}; rescore")
+        ids = _values(table.column(column))
+        low, high = pc.min_max(ids).values()
+        if low.as_py() < 0 or high.as_py() >= vocab_size:
+            bad = low.as_py() if low.as_py() < 0 else high.as_py()
+            raise CacheError(f"{where}: {column} holds token id {bad}, outside the policy's vocabulary of {vocab_size}; "
+                             f"the cache belongs to another model or is damaged")
+    for side in ("chosen", "rejected"):
+        logps = table.column(f"{side}_ref_logps")
+        if not pc.all(pc.equal(pc.list_value_length(logps), pc.list_value_length(table.column(f"{side}_ids")))).as_py():
+            raise CacheError(f"{where}: {side}_ref_logps and {side}_ids differ in length in some row; rescore")
+        values = _values(logps)
+        if not pc.all(pc.is_finite(values)).as_py():
+            raise CacheError(f"{where}: {side}_ref_logps holds NaN or infinite values; rescore (check the reference "
+                             f"model and --dtype)")
+        top = pc.max(values).as_py()
+        if top is not None and top > LOGP_ROUNDING_SLACK:
+            raise CacheError(f"{where}: {side}_ref_logps holds {top:g}, above 0: not a log-probability; rescore")
+
+
+def check_values(directory: str | Path, manifest: dict[str, Any], vocab_size: int,
+                 anchor: tuple[str | Path, dict[str, Any]] | None = None) -> None:
+    """Read every row group once and refuse any value training cannot use (see `check_row_group`).
+
+    With `anchor` (a second cache whose log-probs anchor the reward), it must hold the same rows
+    cut into the same row groups, token for token, so the stream can read the two side by side.
+    """
+    directory = Path(directory)
+    if anchor is not None:
+        anchor_dir, anchor_manifest = Path(anchor[0]), anchor[1]
+        if manifest["tokenization"] != anchor_manifest["tokenization"]:
+            raise CacheError(f"{anchor_dir}: the anchor cache was tokenized with {anchor_manifest['tokenization']}, "
+                             f"{directory} with {manifest['tokenization']}; score both with the same limits")
+        if [(s["file"], s["rows"]) for s in manifest["shards"]] != [(s["file"], s["rows"]) for s in anchor_manifest["shards"]]:
+            raise CacheError(f"{anchor_dir}: the anchor cache's shards differ from {directory}'s; score the anchor from the "
+                             f"same input with the same --num-workers, --shard-size, --row-group-size and limits")
+    for shard in manifest["shards"]:
+        path = directory / shard["file"]
+        parquet = pq.ParquetFile(path)
+        if parquet.metadata.num_rows != shard["rows"]:
+            raise CacheError(f"{path}: holds {parquet.metadata.num_rows} rows, the manifest says {shard['rows']}; rescore")
+        anchor_file = pq.ParquetFile(anchor_dir / shard["file"]) if anchor is not None else None
+        if anchor_file is not None and anchor_file.metadata.num_row_groups != parquet.metadata.num_row_groups:
+            raise CacheError(f"{anchor_dir / shard['file']}: cut into other row groups than {path}; score the anchor "
+                             f"with the same --row-group-size")
+        for group in range(parquet.metadata.num_row_groups):
+            table = parquet.read_row_group(group)
+            if table.schema.remove_metadata() != SCHEMA.remove_metadata():
+                raise CacheError(f"{path}: its columns are not the cache schema's ({', '.join(table.schema.names)}); rescore")
+            check_row_group(f"{path} row group {group}", table, vocab_size)
+            if anchor_file is None:
+                continue
+            other = anchor_file.read_row_group(group)
+            check_row_group(f"{anchor_dir / shard['file']} row group {group}", other, vocab_size)
+            for column in ("id", "prompt_ids", "chosen_ids", "rejected_ids"):
+                if not other.column(column).equals(table.column(column)):
+                    raise CacheError(f"{anchor_dir / shard['file']}: row group {group} holds other {column} than the scoring "
+                                     f"cache; score the anchor from the same input with the same settings")
+
+
+@dataclass
+class TrainingCaches:
+    """The manifests of the caches a training run reads, each checked end to end."""
+
+    train: dict[str, Any]
+    anchor: dict[str, Any] | None
+    eval: dict[str, Any] | None
+
+
+def open_training_caches(train: str, anchor: str | None, evaluation: str | None, fingerprint: dict[str, str],
+                         vocab_size: int) -> TrainingCaches:
+    """Refuse, before any training, a cache that is damaged, altered, foreign to the policy, or holds
+    values training cannot use: layout, checksums, tokenizer, then every value (see `check_values`)."""
+    manifests: dict[str, dict[str, Any] | None] = {}
+    for name, path in (("train", train), ("anchor", anchor), ("eval", evaluation)):
+        if path is None:
+            manifests[name] = None
+            continue
+        manifest = load_manifest(path)
+        check_layout(path, manifest)
+        verify_checksums(path, manifest)
+        check_tokenizer(path, manifest, fingerprint)
+        manifests[name] = manifest
+    if manifests["eval"] is not None and manifests["eval"]["totals"]["rows"] == 0:
+        raise CacheError(f"{evaluation}: the eval cache holds no rows (see `selpipe inspect` for why); "
+                         f"drop --eval-cache or rescore it")
+    check_values(train, manifests["train"], vocab_size, anchor=(anchor, manifests["anchor"]) if anchor else None)
+    if evaluation is not None:
+        check_values(evaluation, manifests["eval"], vocab_size)
+    return TrainingCaches(**manifests)

@@ -47,3 +47,20 @@ def os_error_message(err: OSError, action: str) -> str:
     }
     reason = hints.get(err.errno, err.strerror or str(err))
     return f"{path}: cannot {action} ({err.strerror or err}): {reason}"
+
+
+class StorageError(SelpipeError):
+    """A file system refusal (full disk, read-only, permissions) the user can fix."""
+
+
+def storage_error(err: OSError | RuntimeError, action: str) -> StorageError | None:
+    """The one-line error for a storage failure, or None if `err` is not one.
+
+    torch.save reports a failed write as a RuntimeError from its zip writer, not an OSError.
+    """
+    if isinstance(err, OSError):
+        return StorageError(os_error_message(err, action))
+    if "PytorchStreamWriter failed" in str(err) or "file write failed" in str(err):
+        return StorageError(f"cannot {action}: a checkpoint write failed ({str(err).splitlines()[0][:200]}); "
+                            f"check free space and permissions of the output")
+    return None

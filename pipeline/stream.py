@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from .cache import CacheError, iter_row_groups
 
-ANCHOR_COLUMNS = ["id", "chosen_ids", "rejected_ids", "chosen_ref_logps", "rejected_ref_logps"]
+ANCHOR_COLUMNS = ["chosen_ref_logps", "rejected_ref_logps"]
 
 
 @dataclass(frozen=True)
@@ -75,11 +75,8 @@ class CacheStream:
             file, group, _ = self.row_groups[index]
             table = self._file(self.directory / file).read_row_group(group)
             if self.anchor_directory is not None:
+                # Row for row the same pairs: checked once before training (`cache.check_values`).
                 anchor = self._file(self.anchor_directory / file).read_row_group(group, columns=ANCHOR_COLUMNS)
-                for column in ("id", "chosen_ids", "rejected_ids"):
-                    if anchor.column(column) != table.column(column):
-                        raise CacheError(f"{self.anchor_directory / file}: row group {group} holds other {column} than the "
-                                         f"scoring cache; score the anchor from the same input with the same settings")
                 table = table.append_column("chosen_anchor_logps", anchor.column("chosen_ref_logps"))
                 table = table.append_column("rejected_anchor_logps", anchor.column("rejected_ref_logps"))
             tables.append(table)

@@ -1,0 +1,61 @@
+"""Evaluation on a held-out score cache: the training metrics, plus how stable the token mask is."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from selpipe.pipeline.batching import collate_pairs
+from selpipe.pipeline.cache import read_rows
+from selpipe.pipeline.config import TrainConfig
+from selpipe.pipeline.metrics import add_sums, reduce_sums
+from selpipe.pipeline.stream import eval_shards
+
+from .loop import forward_loss
+
+
+class Evaluator:
+    """Scores the eval cache; tracks the overlap (Jaccard) of its token masks between evals."""
+
+    def __init__(self, path: str, manifest: dict[str, Any], engine: Any, all_reduce: Callable[[torch.Tensor], None],
+                 rank: int, world_size: int, cfg: TrainConfig, pad_id: int):
+        self.rows = list(read_rows(path, manifest))
+        self.indices, self.micro_batches = eval_shards(len(self.rows), rank, world_size, cfg.micro_batch_size)
+        self.engine, self.all_reduce, self.cfg, self.pad_id = engine, all_reduce, cfg, pad_id
+        self.previous_masks: list[torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def __call__(self, step: int) -> dict[str, float]:
+        engine = self.engine
+        engine.eval()
+        totals: dict[str, torch.Tensor] = {}
+        masks = []
+        overlap = torch.zeros(2)  # |this mask & last eval's|, |this mask | last eval's|, over real pairs
+        size = self.cfg.micro_batch_size
+        for micro in range(self.micro_batches):
+            chunk = self.indices[micro * size:(micro + 1) * size]
+            # Every rank runs the same number of forwards (ZeRO-3 gathers collectively): pad with weight-0 rows.
+            weights = [1.0] * len(chunk) + [0.0] * (size - len(chunk))
+            rows = [self.rows[i] for i in chunk] + [self.rows[0]] * (size - len(chunk))
+            batch = collate_pairs(rows, self.pad_id, weights).to(engine.device)
+            _, sums, out = forward_loss(engine, batch, self.cfg)
+            add_sums(totals, sums)
+            real = batch.weights.bool().unsqueeze(1).cpu()
+            selected = torch.cat([(out.chosen_selected.cpu() & real).flatten(), (out.rejected_selected.cpu() & real).flatten()])
+            if self.previous_masks is not None:
+                before = self.previous_masks[micro]
+                overlap += torch.tensor([float((selected & before).sum()), float((selected | before).sum())])
+            masks.append(selected)
+        engine.train()
+        metrics = reduce_sums(totals, self.all_reduce)
+        if self.previous_masks is not None:
+            overlap = overlap.to(engine.device)
+            self.all_reduce(overlap)
+            metrics["mask_overlap"] = float(overlap[0] / overlap[1].clamp(min=1.0))
+        # A mask taken while every score ties (the policy still equals the reference) selects
+        # everything; overlap with it would only restate the selected fraction.
+        all_tied = metrics["selected_fraction/chosen"] == 1.0 and metrics["selected_fraction/rejected"] == 1.0
+        self.previous_masks = None if all_tied else masks
+        return {f"eval/{k}": v for k, v in metrics.items() if k not in ("tokens",)}

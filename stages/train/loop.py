@@ -1,0 +1,138 @@
+"""The training loop: `fit`, handed finished parts (engine, stream, evaluator, run directory).
+
+One loop, one condition for evaluating and one for saving; the last step takes the same path
+as the periodic ones (a `last_step` flag, as in nanochat), so a finished run is evaluated and
+checkpointed exactly once whether it ran straight through, was resumed, or is rerun.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import torch
+
+from selpipe.pipeline.batching import PairBatch, collate_pairs
+from selpipe.pipeline.config import TrainConfig
+from selpipe.pipeline.errors import SelpipeError
+from selpipe.pipeline.logprobs import to_padded
+from selpipe.pipeline.loss import SelectiveDPOOutput, selective_dpo_loss
+from selpipe.pipeline.metrics import SIDES, add_sums, pair_sums, reduce_sums
+from selpipe.pipeline.stream import StreamPosition
+
+from .run_dir import TrainState
+
+
+class TrainingDiverged(SelpipeError):
+    """A non-finite loss or gradient norm; the run stops before anything non-finite is saved."""
+
+
+class Engine(Protocol):
+    device: torch.device
+
+    def logprobs(self, batch: PairBatch) -> torch.Tensor: ...
+    def backward(self, loss: torch.Tensor) -> None: ...
+    def lr(self) -> float: ...
+    def step(self) -> float | None: ...
+
+
+def forward_loss(engine: Engine, batch: PairBatch, cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor], SelectiveDPOOutput]:
+    """Mean loss of the micro batch's real pairs, the sums its metrics are made of, and the loss's output."""
+    policy, _ = to_padded(engine.logprobs(batch), batch.completion_lengths)
+    pairs = batch.pairs
+    mask = batch.completion_mask
+    out = selective_dpo_loss(
+        policy[:pairs], policy[pairs:], batch.reference[:pairs], batch.reference[pairs:], mask[:pairs], mask[pairs:],
+        top_k=cfg.top_k, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+        anchor_chosen=batch.anchor[:pairs], anchor_rejected=batch.anchor[pairs:],
+    )
+    w = batch.weights
+    loss = (out.losses * w).sum() / w.sum().clamp(min=1)
+    halves = {"chosen": slice(None, pairs), "rejected": slice(pairs, None)}
+    sums = pair_sums(
+        losses=out.losses, weights=w, beta=cfg.beta,
+        policy={s: policy[halves[s]] for s in SIDES}, anchor={s: batch.anchor[halves[s]] for s in SIDES},
+        mask={s: mask[halves[s]] for s in SIDES},
+        selected={"chosen": out.chosen_selected, "rejected": out.rejected_selected},
+        scores={"chosen": out.chosen_scores, "rejected": out.rejected_scores},
+        threshold={"chosen": out.chosen_threshold, "rejected": out.rejected_threshold},
+        tokens=batch.attention_mask.sum(),
+    )
+    return loss, sums, out
+
+
+def _check_finite(step: int, metrics: dict[str, float], grad_norm: float | None, rows: list[dict[str, Any]]) -> None:
+    """Stop on a non-finite loss or gradient norm (the values are reduced, so every rank agrees)."""
+    bad = [f"loss {metrics['loss']}"] if not math.isfinite(metrics["loss"]) else []
+    if grad_norm is not None and not math.isfinite(grad_norm):
+        bad.append(f"gradient norm {grad_norm}")
+    if bad:
+        ids = ", ".join(str(r["id"]) for r in rows[:16]) + (", ..." if len(rows) > 16 else "")
+        raise TrainingDiverged(f"step {step}: {' and '.join(bad)} (this rank's rows: {ids}); nothing of this step was "
+                               f"saved, the last checkpoint is the resume point: lower --learning-rate or check these rows")
+
+
+def fit(
+    *,
+    engine: Engine,
+    all_reduce: Callable[[torch.Tensor], None],
+    batches: Iterator[tuple[StreamPosition, list[dict[str, Any]]]],
+    cfg: TrainConfig,
+    state: TrainState,
+    total_steps: int,
+    pad_id: int,
+    log: Callable[[int, dict[str, Any]], None],
+    save: Callable[[TrainState], None],
+    evaluate: Callable[[int], dict[str, float]] | None = None,
+    on_step: Callable[[dict[str, Any]], None] = lambda metrics: None,
+) -> TrainState:
+    """Train from `state` to `total_steps` optimizer steps; returns the final state.
+
+    Evaluates at step 0, every `eval_every` steps and at the last step; checkpoints every
+    `save_every` steps and at the last step; never twice at one step (a resumed run restarts at a
+    step it already evaluated and saved).
+    """
+    size = cfg.micro_batch_size
+    history = state.history
+    while True:
+        last_step = state.step == total_steps
+        periodic_eval = cfg.eval_every and state.step % cfg.eval_every == 0
+        if evaluate is not None and (state.step == 0 or last_step or periodic_eval) and history.last_eval_step != state.step:
+            # Evaluate before checkpointing, so a checkpoint at step N holds the eval of step N.
+            history.last_eval, history.last_eval_step = evaluate(state.step), state.step
+            if state.step == 0:
+                history.first_eval = history.last_eval
+            log(state.step, history.last_eval)
+        periodic_save = cfg.save_every and state.step % cfg.save_every == 0
+        if state.step > 0 and (last_step or periodic_save) and state.checkpoint_step != state.step:
+            save(state)
+        if last_step:
+            return state
+
+        started = time.perf_counter()
+        position, rows = next(batches)
+        sums: dict[str, torch.Tensor] = {}
+        micro_batches = -(-len(rows) // size)
+        for micro in range(micro_batches):
+            batch = collate_pairs(rows[micro * size:(micro + 1) * size], pad_id).to(engine.device)
+            loss, micro_sums, _ = forward_loss(engine, batch, cfg)
+            engine.backward(loss)
+            if micro == micro_batches - 1:
+                lr = engine.lr()  # the rate this step applies (the scheduler moves on in step())
+            grad_norm = engine.step()
+            add_sums(sums, micro_sums)
+        metrics = reduce_sums(sums, all_reduce)
+        elapsed = time.perf_counter() - started
+        _check_finite(state.step + 1, metrics, grad_norm, rows)
+        state.step, state.position = state.step + 1, position
+        history.last_step_metrics = step_metrics = {
+            **{k: v for k, v in metrics.items() if k not in ("pairs", "tokens")},
+            "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_second": metrics["tokens"] / elapsed, "pairs_per_second": metrics["pairs"] / elapsed,
+            "epoch": position.epoch,
+        }
+        if state.step % cfg.log_every == 0 or state.step == total_steps:
+            log(state.step, step_metrics)
+        on_step(step_metrics)

@@ -1,0 +1,157 @@
+"""`run_train(cfg)`: set up the parts, `fit`, finish. Reads top to bottom as what a run does."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from selpipe.pipeline.cache import TrainingCaches, cache_identity, open_training_caches
+from selpipe.pipeline.config import TrainConfig, to_dict
+from selpipe.pipeline.errors import ConfigError, storage_error
+from selpipe.pipeline.stream import CacheStream
+from selpipe.pipeline.tokenization import load_tokenizer, pad_id, tokenizer_fingerprint
+
+from .engine import Comm, TrainEngine, abandon, build_engine, deepspeed_config, load_policy, save_final_model, teardown
+from .evaluate import Evaluator
+from .loop import fit
+from .run_dir import RunDirectory, TrainState, check_output
+
+
+def policy_vocab_size(policy: str, tokenizer: Any) -> int:
+    """The policy's vocabulary size, read from its config before any weight loads; it must cover the tokenizer."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(policy)
+    except (OSError, ValueError, KeyError) as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"--policy {policy}: cannot read the model's config ({first[:300]}); give a local model "
+                          f"directory") from None
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    if not isinstance(vocab, int) or vocab < len(tokenizer):
+        raise ConfigError(f"--policy {policy}: the model's vocabulary ({vocab}) is smaller than its tokenizer's "
+                          f"({len(tokenizer)}); resize the model's embeddings or use the tokenizer it was trained with")
+    return vocab
+
+
+@dataclass
+class Setup:
+    comm: Comm
+    run: RunDirectory
+    tokenizer: Any
+    caches: TrainingCaches
+    ds_config: dict[str, Any]
+    stream: CacheStream
+    total_steps: int
+    identity: dict[str, str | None]
+    cache_check_seconds: float
+
+
+def setup(cfg: TrainConfig, comm: Comm) -> Setup:
+    """Everything that can refuse the run, before anything is written."""
+    check_output(cfg)
+    run = RunDirectory(cfg.output, comm.rank)
+    if not cfg.resume and run.latest_checkpoint() is not None:
+        raise ConfigError(f"--output {cfg.output} already holds a run; pass --resume to continue it or choose a new --output")
+    tokenizer = load_tokenizer(cfg.policy)
+    vocab = policy_vocab_size(cfg.policy, tokenizer)
+    started = time.perf_counter()
+    caches = open_training_caches(cfg.cache, cfg.anchor_scores, cfg.eval_cache, tokenizer_fingerprint(tokenizer), vocab)
+    cache_check_seconds = time.perf_counter() - started
+    ds_config = deepspeed_config(cfg, comm.world_size)
+    train_dtype = "bfloat16" if ds_config["bf16"]["enabled"] else "float32"
+    if comm.rank == 0 and caches.train["reference"]["dtype"] != train_dtype:
+        # At step 0 p - r is then precision noise, and top-k picks its extremes: a biased margin.
+        warnings.warn(f"the cache was scored in {caches.train['reference']['dtype']} but the policy trains in "
+                      f"{train_dtype}; alignment scores start as precision noise. Score in the training precision.")
+    stream = CacheStream(cfg.cache, caches.train, rank=comm.rank, world_size=comm.world_size,
+                         global_batch_size=cfg.global_batch_size, seed=cfg.seed, shuffle_window=cfg.shuffle_window,
+                         anchor=(cfg.anchor_scores, caches.anchor) if caches.anchor else None)
+    # Content digests: a resume must see the same scores (and evaluate on the same rows) as the run it continues.
+    identity = {name: manifest and cache_identity(manifest) for name, manifest in
+                (("cache", caches.train), ("anchor_scores", caches.anchor), ("eval_cache", caches.eval))}
+    # Every rank has checked the output before rank 0 marks it as a run.
+    comm.barrier()
+    run.claim()
+    return Setup(comm, run, tokenizer, caches, ds_config, stream, cfg.max_steps or cfg.epochs * stream.batches_per_epoch,
+                 identity, cache_check_seconds)
+
+
+def run_train(cfg: TrainConfig) -> dict[str, Any]:
+    comm = Comm()
+    engine: TrainEngine | None = None
+    try:
+        parts = setup(cfg, comm)
+        torch.manual_seed(cfg.seed)
+        model, _zero3_context = load_policy(cfg, parts.ds_config)  # (the context stays alive for the run under ZeRO-3)
+        engine = build_engine(cfg, model, parts.ds_config, parts.total_steps)
+        summary = _train(cfg, parts, engine, model)
+    except BaseException as err:
+        # No barrier here: another rank may never reach one.
+        abandon(engine, comm)
+        converted = storage_error(err, "write the run directory") if isinstance(err, (OSError, RuntimeError)) else None
+        if converted is None:
+            raise
+        raise converted from None
+    teardown(engine, comm)
+    return summary
+
+
+def _train(cfg: TrainConfig, parts: Setup, engine: TrainEngine, model: Any) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    comm, run = parts.comm, parts.run
+    if cfg.resume and run.latest_checkpoint():
+        state = run.load_checkpoint(engine, comm, cfg, parts.identity)
+        resumed_from: int | None = state.step
+    else:
+        if cfg.resume and comm.rank == 0:
+            print(f"--resume: no checkpoint in {run.checkpoints}, starting fresh", flush=True)
+        state, resumed_from = TrainState(), None
+    run.write_json("config.json", {"train": to_dict(cfg), "deepspeed": parts.ds_config, "world_size": comm.world_size,
+                                   "total_steps": parts.total_steps, "cache_rows": parts.stream.total_rows})
+    run.open_logs(resumed_from)
+    padding = pad_id(parts.tokenizer)
+    evaluator = (Evaluator(cfg.eval_cache, parts.caches.eval, engine, comm.all_reduce, comm.rank, comm.world_size, cfg,
+                           padding) if parts.caches.eval else None)
+    first_step = state.step
+    bar = tqdm(total=parts.total_steps, initial=state.step, desc="train", disable=not (cfg.progress and comm.rank == 0),
+               dynamic_ncols=True)
+
+    def on_step(metrics: dict[str, Any]) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", margin=f"{metrics['rewards/margins']:.4f}",
+                        pairs_s=f"{metrics['pairs_per_second']:.1f}")
+
+    started = time.perf_counter()
+    try:
+        state = fit(engine=engine, all_reduce=comm.all_reduce, batches=parts.stream.batches(state.position), cfg=cfg,
+                    state=state, total_steps=parts.total_steps, pad_id=padding, log=run.log,
+                    save=lambda s: run.save_checkpoint(engine, comm, s, cfg, parts.identity), evaluate=evaluator,
+                    on_step=on_step)
+    finally:
+        bar.close()
+        run.close()
+    elapsed = time.perf_counter() - started
+    # A rerun of a finished run trains nothing; its model is already there, unless the kill came before it was.
+    # Rank 0 decides for all: under ZeRO-3 the save is a collective gather.
+    model_dir = Path(cfg.output) / "model"
+    if cfg.save_model and comm.agreed(state.step > first_step or not model_dir.exists(), engine.device):
+        save_final_model(engine, model, parts.tokenizer, model_dir, comm.rank)
+    history = state.history
+    summary = {
+        "output": cfg.output, "steps": state.step, "steps_this_run": state.step - first_step,
+        "world_size": comm.world_size, "seconds": round(elapsed, 2),
+        "cache_check_seconds": round(parts.cache_check_seconds, 3), "final": history.last_step_metrics or {},
+    }
+    if history.first_eval is not None:
+        summary["eval_before"] = history.first_eval
+    if history.last_eval is not None:
+        summary["eval_after"] = history.last_eval
+    run.write_json("summary.json", summary)
+    return summary

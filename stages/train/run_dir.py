@@ -1,0 +1,221 @@
+"""The run directory: claimed before anything is written, logs, checkpoints, resume.
+
+    .selpipe-run.json           marker: this directory is a selpipe training run (written first)
+    config.json                 the resolved TrainConfig and the DeepSpeed config it produced
+    metrics.jsonl               one object per logged optimizer step, eval rows prefixed `eval/`
+    tensorboard/                the same metrics for TensorBoard
+    checkpoints/step-N/         DeepSpeed checkpoint + stream position, RNG states, config,
+                                the caches' content digests and the eval history
+    checkpoints/latest          name of the newest complete checkpoint (written last)
+    summary.json                what the run did (also printed by `selpipe train`)
+    model/                      the final policy, `save_pretrained` with its tokenizer
+
+A run writes only inside a directory that is new, empty, or already marked as a selpipe run, and
+deletes only what it wrote there itself (its own checkpoints, its own metrics rows).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from selpipe.pipeline import __version__
+from selpipe.pipeline.atomic import write_json_atomic, write_text_atomic
+from selpipe.pipeline.config import TrainConfig, to_dict
+from selpipe.pipeline.errors import CacheError, ConfigError
+from selpipe.pipeline.stream import StreamPosition
+
+MARKER = ".selpipe-run.json"
+
+# Settings a resumed run must share with its checkpoint: they fix the row order, the loss and the
+# optimizer (whose learning rate, betas and weight decay the checkpoint restores over any new value).
+# The caches are compared by content, not path: the same cache may be mounted elsewhere.
+RESUME_INVARIANTS = ("global_batch_size", "seed", "shuffle_window", "top_k", "beta", "label_smoothing", "max_steps",
+                     "epochs", "learning_rate", "min_lr_ratio", "schedule", "warmup_steps", "weight_decay", "adam_betas")
+
+
+@dataclass
+class RunHistory:
+    """What the summary reports, carried through checkpoints so a resumed run reports it too."""
+
+    first_eval: dict[str, float] | None = None
+    last_eval: dict[str, float] | None = None
+    last_eval_step: int | None = None
+    last_step_metrics: dict[str, Any] | None = None
+
+
+@dataclass
+class TrainState:
+    """Where training stands: optimizer steps taken, the stream's position, and the latest checkpoint."""
+
+    step: int = 0
+    position: StreamPosition = StreamPosition()
+    history: RunHistory = field(default_factory=RunHistory)
+    checkpoint_step: int | None = None
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def _is_unmarked_run(output: Path) -> bool:
+    """A run directory written by selpipe 0.1 before runs carried the marker: its config.json is ours."""
+    try:
+        config = json.loads((output / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and {"train", "deepspeed", "total_steps"} <= config.keys()
+
+
+def check_output(cfg: TrainConfig) -> None:
+    """Refuse, before anything is written, an --output that is not ours to write.
+
+    It must be new, an empty directory, or a selpipe run (marked by `MARKER`), and it must not
+    overlap the policy or any cache: a run there would overwrite the user's model or scores.
+    """
+    output = Path(cfg.output)
+    resolved = output.resolve()
+    inputs = {"--policy": cfg.policy, "--cache": cfg.cache, "--anchor-scores": cfg.anchor_scores,
+              "--eval-cache": cfg.eval_cache}
+    for flag, value in inputs.items():
+        if value is not None and _overlaps(resolved, Path(value).resolve()):
+            raise ConfigError(f"--output {output} overlaps {flag} {value}: a run would write into your inputs; "
+                              f"choose an --output outside them")
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise ConfigError(f"--output {output} is a file, not a directory; choose a new --output")
+    if (output / MARKER).is_file() or not any(output.iterdir()) or _is_unmarked_run(output):
+        return
+    raise ConfigError(f"--output {output} is a directory that is not a selpipe run and not empty; "
+                      f"choose a new or empty --output (selpipe will not overwrite files it did not create)")
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a line cut short by a kill mid-write."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+class RunDirectory:
+    def __init__(self, output: str | Path, rank: int):
+        self.output, self.rank = Path(output), rank
+        self.checkpoints = self.output / "checkpoints"
+        self.metrics_path = self.output / "metrics.jsonl"
+        self.tensorboard: Any = None
+
+    # -------------------------------------------------------------- claim and run files
+
+    def claim(self) -> None:
+        """Mark the directory as a selpipe run (rank 0, after `check_output` passed on every rank)."""
+        if self.rank == 0 and not (self.output / MARKER).is_file():
+            self.output.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.output / MARKER, {"tool": "selpipe", "kind": "train", "version": __version__})
+
+    def write_json(self, name: str, data: Any) -> None:
+        if self.rank == 0:
+            write_json_atomic(self.output / name, data)
+
+    # -------------------------------------------------------------- logs
+
+    def open_logs(self, resume_step: int | None) -> None:
+        """Keep the logged rows up to the checkpoint resumed from (`resume_step`); none on a fresh start."""
+        if self.rank != 0:
+            return
+        if self.metrics_path.exists():
+            # Rows logged after the checkpoint we resume from will be produced again.
+            lines = self.metrics_path.read_text().splitlines() if resume_step is not None else []
+            kept = [line for line in lines if (step := _logged_step(line)) is not None and step <= resume_step]
+            write_text_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tensorboard = SummaryWriter(str(self.output / "tensorboard"),
+                                         purge_step=0 if resume_step is None else resume_step + 1)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        with open(self.metrics_path, "a") as handle:
+            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)):
+                self.tensorboard.add_scalar(key, value, step)
+        self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+    # -------------------------------------------------------------- checkpoints
+
+    def latest_checkpoint(self) -> str | None:
+        marker = self.checkpoints / "latest"
+        if not marker.is_file():
+            return None
+        tag = marker.read_text().strip()
+        if not (tag.startswith("step-") and tag[5:].isdigit() and (self.checkpoints / tag).is_dir()):
+            raise CacheError(f"{marker}: names {tag[:80]!r}, not a checkpoint of this run; point it at one of the "
+                             f"step-N directories beside it, or start a new --output")
+        return tag
+
+    def _step_directories(self) -> list[Path]:
+        return sorted((p for p in self.checkpoints.glob("step-*") if p.is_dir() and p.name[5:].isdigit()),
+                      key=lambda p: int(p.name[5:]))
+
+    def save_checkpoint(self, engine: Any, comm: Any, state: TrainState, cfg: TrainConfig,
+                        identity: dict[str, str | None]) -> None:
+        tag = f"step-{state.step}"
+        client = {"step": state.step, "position": state.position.to_json(), "config": to_dict(cfg),
+                  "history": asdict(state.history), "identity": identity}
+        engine.ds.save_checkpoint(str(self.checkpoints), tag=tag, client_state=client, save_latest=False)
+        torch.save({"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                   self.checkpoints / tag / f"rng-rank{comm.rank}.pt")
+        comm.barrier()
+        if self.rank == 0:
+            # Only now is the checkpoint whole on every rank: point `latest` at it, drop old ones.
+            write_text_atomic(self.checkpoints / "latest", tag + "\n")
+            tags = self._step_directories()
+            # Later steps than this one are leftovers of a killed run (never pointed to by `latest`).
+            leftovers = [p for p in tags if int(p.name[5:]) > state.step]
+            kept = [p for p in tags if int(p.name[5:]) <= state.step]
+            for old in leftovers + kept[:-cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        comm.barrier()
+        state.checkpoint_step = state.step
+
+    def load_checkpoint(self, engine: Any, comm: Any, cfg: TrainConfig, identity: dict[str, str | None]) -> TrainState:
+        from .safe_load import check_checkpoint_files, load_tensors
+
+        tag = self.latest_checkpoint()
+        directory = self.checkpoints / tag
+        # Nothing in a checkpoint may run code when loaded; DeepSpeed's own loader unpickles freely.
+        check_checkpoint_files(directory)
+        _, client = engine.ds.load_checkpoint(str(self.checkpoints), tag=tag)
+        if not isinstance(client, dict) or not {"step", "position", "config"} <= client.keys():
+            raise CacheError(f"{directory}: DeepSpeed could not load this checkpoint or it holds no selpipe state; "
+                             f"delete it and point {self.checkpoints / 'latest'} at an earlier one")
+        saved = client["config"]
+        changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_INVARIANTS
+                   if saved.get(k) != getattr(cfg, k)]
+        saved_identity = client.get("identity") or {}
+        changed += [f"--{name.replace('_', '-')} holds other scores than the checkpoint's" for name in identity
+                    if saved_identity.get(name) != identity[name]]
+        if changed:
+            raise ConfigError(f"--resume with settings that differ from the checkpoint's ({', '.join(changed)}); "
+                              f"resume with the original settings or start a new --output")
+        rng = directory / f"rng-rank{comm.rank}.pt"
+        if rng.exists():
+            states = load_tensors(rng)
+            torch.set_rng_state(states["cpu"])
+            if states.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(states["cuda"])
+        return TrainState(step=client["step"], position=StreamPosition(**client["position"]),
+                          history=RunHistory(**client.get("history", {})), checkpoint_step=client["step"])
