@@ -1,8 +1,8 @@
 """Typed settings: the one source of truth for every option.
 
 Each setting is a dataclass field whose metadata carries its help text. The CLI builds its
-options from these fields (see `selpipe.cli.options`), config files are JSON objects with the
-same keys, and `docs/configuration.md` is generated from them. Validation lives in
+options from these fields (see `selpipe.cli.options`), config files are JSON or YAML mappings
+with the same keys, and `docs/configuration.md` is generated from them. Validation lives in
 `__post_init__`, so a config is valid however it was built: from flags, a file or Python.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,12 @@ Backend = Literal["hf", "vllm"]
 DType = Literal["float32", "bfloat16", "float16"]
 Truncation = Literal["truncate", "skip"]
 OnBadRow = Literal["error", "skip"]
-Schedule = Literal["linear", "cosine", "constant"]
+# transformers.get_scheduler's names; each warms up linearly over --warmup-steps first.
+Schedule = Literal["linear", "cosine", "cosine_with_min_lr", "constant"]
+LossType = Literal["sigmoid", "sigmoid_norm", "ipo", "hinge", "robust", "simpo"]  # pipeline/loss.py's LOSS_TYPES
+RpoTokens = Literal["all", "selected"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+Tracker = Literal["tensorboard", "wandb", "mlflow", "none"]
 
 
 def setting(default: Any, help: str, *, identity: bool = False, cli: bool = True, argument: bool = False,
@@ -56,13 +62,16 @@ def _check_positive(cfg: Any, *names: str) -> None:
 class ScoreConfig:
     """Settings of `selpipe score-ref` (stage one)."""
 
-    input: str = setting("", "Preference data: .jsonl, .jsonl.zst, .parquet, or a directory saved by `datasets`.")
+    input: str = setting("", "Preference data: a .jsonl, .json, .jsonl.zst, .parquet or .arrow file; several, comma-separated "
+                             "or as a glob; a dataset folder (saved by `datasets`, or as `huggingface-cli download` "
+                             "leaves it); or a Hub dataset name the local Hugging Face cache holds.")
+    input_config: str | None = setting(None, "Subset (config name) of a dataset folder or Hub dataset.", identity=True)
     output: str = setting("", "Cache directory to write (created if missing; a rerun resumes it).")
     model: str = setting("", "Reference model: a local directory or a name your HF cache already holds.")
     revision: str | None = setting(None, "Model revision to record and load (for hub-style caches).", identity=True)
     backend: Backend = setting("hf", "Scoring backend: `hf` (transformers) or `vllm`.", identity=True)
     dtype: DType = setting("float32", "Weights dtype of the reference; log-softmax is always fp32.", identity=True)
-    split: str = setting("train", "Split to read when the input is a saved DatasetDict.", identity=True)
+    split: str = setting("train", "Split to read from a dataset folder, saved DatasetDict or Hub dataset.", identity=True)
     max_length: int = setting(1024, "Most tokens in prompt + one completion.", identity=True)
     max_prompt_length: int = setting(512, "Most prompt tokens; longer prompts keep their end.", identity=True)
     truncation: Truncation = setting(
@@ -73,8 +82,10 @@ class ScoreConfig:
     )
     append_eos: bool = setting(True, "Append the EOS token to string completions (chat completions end with the template's end-of-turn).", identity=True)
     on_bad_row: OnBadRow = setting("error", "Malformed rows: `error` stops with the row and field, `skip` counts them.", identity=True)
-    num_workers: int = setting(1, "Number of worker processes sharing this cache.", identity=True)
-    worker_index: int = setting(0, "This worker's index in [0, num_workers).")
+    num_workers: int | Literal["auto"] = setting(1, "Number of worker processes sharing this cache; `auto`: from the "
+                                                    "Slurm array, Slurm tasks or torchrun (docs/scaling.md).", identity=True)
+    worker_index: int | Literal["auto"] = setting(0, "This worker's index in [0, num_workers); `auto`: from the Slurm array, "
+                                                     "Slurm tasks or torchrun, whose LOCAL_RANK picks the GPU.")
     shard_size: int = setting(4096, "Input rows per shard (the unit of restart).", identity=True)
     row_group_size: int = setting(256, "Rows per Parquet row group (the unit of streaming).", identity=True)
     token_budget: int = setting(16384, "hf backend: most padded tokens in one forward batch.")
@@ -96,14 +107,20 @@ class ScoreConfig:
         _check_choice(self, "dtype", DType)
         _check_choice(self, "truncation", Truncation)
         _check_choice(self, "on_bad_row", OnBadRow)
-        _check_positive(self, "max_length", "max_prompt_length", "num_workers", "shard_size",
+        _check_positive(self, "max_length", "max_prompt_length", "shard_size",
                         "row_group_size", "token_budget", "logprob_chunk", "tensor_parallel_size")
+        for name in ("num_workers", "worker_index"):
+            value = getattr(self, name)
+            if value != "auto" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"--{name.replace('_', '-')} must be an integer or auto; got {value!r}")
+        if self.num_workers != "auto" and self.num_workers <= 0:
+            raise ConfigError(f"--num-workers must be positive; got {self.num_workers}")
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(
                 f"--max-prompt-length ({self.max_prompt_length}) must be below --max-length "
                 f"({self.max_length}) to leave room for a completion"
             )
-        if not 0 <= self.worker_index < self.num_workers:
+        if self.worker_index != "auto" and (self.worker_index < 0 or self.num_workers != "auto" and self.worker_index >= self.num_workers):
             raise ConfigError(f"--worker-index must be in [0, {self.num_workers}); got {self.worker_index}")
         if self.token_budget < self.max_length:
             raise ConfigError(f"--token-budget ({self.token_budget}) must hold one sequence of --max-length ({self.max_length})")
@@ -123,13 +140,19 @@ class TrainConfig:
     anchor_scores: str | None = setting(None, "A second cache of the same rows whose log-probs anchor the DPO term.")
     eval_cache: str | None = setting(None, "A score cache to evaluate on (loss, margins, preference accuracy); its own log-probs score and anchor.")
     top_k: float = setting(0.4, "Fraction k of each response's tokens selected by alignment score; 1 is plain DPO.")
-    beta: float = setting(0.01, "DPO temperature beta.")
-    label_smoothing: float = setting(0.0, "Label smoothing eps of the sigmoid loss (conservative DPO).")
+    loss_type: LossType = setting("sigmoid", "DPO-family loss over the selected tokens (docs/losses.md): sigmoid, "
+                                             "sigmoid_norm, ipo, hinge, robust or simpo.")
+    beta: float = setting(0.01, "DPO temperature beta (SimPO's and IPO's beta for those losses).")
+    label_smoothing: float = setting(0.0, "Label smoothing eps: conservative DPO for sigmoid, the flip rate for robust.")
+    simpo_gamma: float = setting(0.5, "SimPO's target reward margin gamma (--loss-type simpo).")
+    rpo_alpha: float = setting(0.0, "Weight of an NLL term on the chosen response added to the loss (RPO); 0 disables.")
+    rpo_tokens: RpoTokens = setting("all", "Chosen tokens the RPO term averages over: all, or only the selected ones.")
     learning_rate: float = setting(5e-7, "Peak learning rate of AdamW.")
-    min_lr_ratio: float = setting(0.0, "Final learning rate as a fraction of the peak (linear/cosine).")
+    min_lr_ratio: float = setting(0.0, "Final learning rate as a fraction of the peak (--schedule cosine_with_min_lr).")
     weight_decay: float = setting(0.0, "AdamW weight decay.")
     adam_betas: list = setting([0.9, 0.999], "AdamW betas.", cli=False)
-    schedule: Schedule = setting("cosine", "Decay after warm-up: linear, cosine or constant.")
+    schedule: Schedule = setting("cosine", "Learning-rate decay after warm-up (transformers.get_scheduler): linear, "
+                                           "cosine, cosine_with_min_lr (down to --min-lr-ratio) or constant.")
     warmup_steps: int = setting(0, "Optimizer steps of linear warm-up from 0.")
     max_steps: int = setting(0, "Optimizer steps to run; 0 means --epochs full passes.")
     epochs: int = setting(1, "Passes over the cache when --max-steps is 0.")
@@ -138,15 +161,28 @@ class TrainConfig:
     gradient_clipping: float = setting(1.0, "Clip the global gradient norm to this (0 disables).")
     zero_stage: int = setting(0, "DeepSpeed ZeRO stage 0-3; picks configs/zero{N}.json (a --deepspeed-config must ask for the same stage).")
     deepspeed_config: str | None = setting(None, "A DeepSpeed JSON to use instead of the shipped one (batch sizes, optimizer and precision are filled in from these settings).")
-    precision: Literal["auto", "bf16", "fp32"] = setting("auto", "bf16 on GPUs that support it, else fp32.")
+    precision: Precision = setting("auto", "auto: bf16 on GPUs that support it, else fp32. fp16: mixed precision with "
+                                           "DeepSpeed's dynamic loss scaling, for GPUs without bf16.")
+    lora_rank: int = setting(0, "LoRA rank r (PEFT); 0 trains every weight.")
+    lora_alpha: float = setting(16.0, "LoRA alpha (the adapter's scale is alpha / r).")
+    lora_dropout: float = setting(0.0, "Dropout on the LoRA input.")
+    lora_target_modules: str = setting("", "Comma-separated module names to adapt, or all-linear; default: the "
+                                           "architecture's attention and MLP projections.")
+    load_in_4bit: bool = setting(False, "QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes, CUDA only); needs --lora-rank.")
+    merge_adapter: bool = setting(False, "With LoRA: also save model-merged/, the base with the adapter merged in.")
     gradient_checkpointing: bool = setting(False, "Recompute activations in backward to save memory.")
     logprob_chunk: int = setting(256, "Completion positions per log-softmax chunk: peak memory is about 3 x chunk x vocab x 4 bytes.")
     shuffle_window: int = setting(16, "Row groups shuffled together (the stream's shuffle buffer).")
     seed: int = setting(0, "Seed of the shuffle and of any randomness in the run.")
     save_every: int = setting(0, "Checkpoint every N optimizer steps (0: only at the end).")
+    save_hf_checkpoints: bool = setting(False, "Beside each checkpoint also write hf/, loadable with from_pretrained "
+                                               "(the adapter with LoRA); else `selpipe export` makes one on demand.")
     keep_checkpoints: int = setting(2, "Most recent checkpoints kept on disk.")
     eval_every: int = setting(0, "Evaluate every N optimizer steps (0: at start and end only).")
     log_every: int = setting(1, "Write metrics every N optimizer steps.")
+    report_to: str = setting("tensorboard", "Trackers, comma-separated: tensorboard, wandb, mlflow, or none (metrics.jsonl "
+                                            "is always written). wandb and mlflow honour their usual environment "
+                                            "variables (WANDB_PROJECT, WANDB_MODE, MLFLOW_TRACKING_URI, ...).")
     resume: bool = setting(False, "Continue from the last checkpoint in --output (starts fresh if there is none).")
     save_model: bool = setting(True, "Save the final policy with save_pretrained.")
     progress: bool = setting(True, "Show a progress bar (rank 0).")
@@ -161,10 +197,25 @@ class TrainConfig:
             raise ConfigError(f"--beta must be positive; got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"--label-smoothing must be in [0, 0.5); got {self.label_smoothing}")
+        _check_choice(self, "loss_type", LossType)
+        _check_choice(self, "rpo_tokens", RpoTokens)
+        try:
+            self.loss_settings()
+        except ValueError as err:
+            raise ConfigError(f"--loss-type {self.loss_type}: {err}") from None
+        if self.lora_rank < 0 or self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError("--lora-rank must be >= 0, --lora-alpha > 0 and --lora-dropout in [0, 1)")
+        if (self.load_in_4bit or self.merge_adapter) and not self.lora_rank:
+            raise ConfigError("--load-in-4bit and --merge-adapter train or merge an adapter: set --lora-rank too")
+        unknown = [t for t in self.trackers() if t not in get_args(Tracker)]
+        if unknown:
+            raise ConfigError(f"--report-to {','.join(unknown)} is not a tracker; choose from {', '.join(get_args(Tracker))}")
+        if self.min_lr_ratio and self.schedule != "cosine_with_min_lr":
+            raise ConfigError(f"--min-lr-ratio applies to --schedule cosine_with_min_lr only; got --schedule {self.schedule}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"--zero-stage must be 0, 1, 2 or 3; got {self.zero_stage}")
         _check_choice(self, "schedule", Schedule)
-        _check_choice(self, "precision", Literal["auto", "bf16", "fp32"])
+        _check_choice(self, "precision", Precision)
         _check_positive(self, "global_batch_size", "micro_batch_size", "logprob_chunk", "shuffle_window",
                         "log_every", "keep_checkpoints")
         if self.global_batch_size % self.micro_batch_size:
@@ -176,6 +227,17 @@ class TrainConfig:
             raise ConfigError("set --max-steps > 0 or --epochs > 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"--min-lr-ratio must be in [0, 1]; got {self.min_lr_ratio}")
+
+    def loss_settings(self) -> Any:
+        """The loss's hyperparameters (`pipeline.loss.LossSettings`), validated."""
+        from .loss import LossSettings
+
+        return LossSettings(loss_type=self.loss_type, beta=self.beta, label_smoothing=self.label_smoothing,
+                            simpo_gamma=self.simpo_gamma, rpo_alpha=self.rpo_alpha, rpo_tokens=self.rpo_tokens)
+
+    def trackers(self) -> list[str]:
+        """--report-to as a list; `none` alone means no tracker but metrics.jsonl."""
+        return [t.strip() for t in self.report_to.split(",") if t.strip() and t.strip() != "none"]
 
     def gradient_accumulation_steps(self, world_size: int) -> int:
         """Micro batches per rank per optimizer step; refuses a split that does not divide."""
@@ -194,7 +256,6 @@ class InspectConfig:
     """Settings of `selpipe inspect`: what a cache holds, and optionally a page of sample pairs."""
 
     cache: str = setting("", "Score cache directory.", argument=True)
-    json: bool = setting(False, "Print the report as JSON.")
     html: str | None = setting(None, "Also write an HTML page of sample pairs, tokens shaded.")
     policy: str | None = setting(None, "With --html: shade by alignment score against this policy and mark the selected "
                                        "tokens (else shade by reference log-prob).")
@@ -242,17 +303,47 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def _yaml_loader() -> Any:
+    """PyYAML's safe loader, but reading `5e-7` as the float YAML 1.2 makes it (YAML 1.1 wants `5.0e-7`)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+        r"|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+    return Loader
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a JSON config file; keys are setting names (`max_length` or `max-length`)."""
+    """Read a config file, YAML (`.yaml`, `.yml`) or JSON (anything else); keys are setting names
+    (`max_length` or `max-length`), and keys starting with `//` are comments."""
+    path = Path(path)
+    yaml_file = path.suffix.lower() in (".yaml", ".yml")
     try:
-        raw = json.loads(Path(path).read_text())
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"config file {path} is not valid JSON: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} cannot be read ({err})") from None
+    if yaml_file:
+        import yaml
+
+        try:
+            raw = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader subclass)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
+    else:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid JSON: {err}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must hold a JSON object of settings")
-    return {key.replace("-", "_"): value for key, value in raw.items() if not key.startswith("//")}
+        raise ConfigError(f"config file {path} must hold a {'YAML mapping' if yaml_file else 'JSON object'} of settings")
+    return {str(key).replace("-", "_"): value for key, value in raw.items() if not str(key).startswith("//")}
 
 
 def build_config(cls: type[ConfigT], file_values: dict[str, Any], overrides: dict[str, Any]) -> ConfigT:
@@ -265,15 +356,27 @@ def build_config(cls: type[ConfigT], file_values: dict[str, Any], overrides: dic
 
 
 def _coerce(cls: type, name: str, value: Any) -> Any:
-    """JSON gives 2 for 2.0; accept an int for a float setting, refuse any other type mismatch."""
+    """JSON gives 2 for 2.0; accept an int for a float setting, refuse any other type mismatch.
+
+    A Literal (or a union with one, such as `int | Literal["auto"]`) takes its words as they are;
+    `__post_init__` checks the words.
+    """
     hint = typing.get_type_hints(cls)[name]
-    allowed = tuple(a for a in (typing.get_args(hint) or (hint,)) if isinstance(a, type))
-    if typing.get_origin(hint) is Literal or value is None or not allowed:
+    if typing.get_origin(hint) is Literal or value is None:
+        return value
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    words = [word for member in members if typing.get_origin(member) is Literal for word in typing.get_args(member)]
+    if value in words and isinstance(value, str):
+        return value
+    allowed = tuple(typing.get_origin(m) or m for m in members
+                    if typing.get_origin(m) is not Literal and isinstance(typing.get_origin(m) or m, type) and m is not type(None))
+    if not allowed:
         return value
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-        raise ConfigError(f"setting {name!r} must be {' or '.join(a.__name__ for a in allowed)}; got {value!r}")
+        names = [a.__name__ for a in allowed] + [repr(word) for word in words]
+        raise ConfigError(f"setting {name!r} must be {' or '.join(names)}; got {value!r}")
     return value
 
 

@@ -63,13 +63,16 @@ class Comm:
         self._dist.destroy_process_group()
 
 
-def use_bf16(precision: str) -> bool:
+def mixed_precision(precision: str) -> str | None:
+    """The DeepSpeed mixed-precision mode (`bf16`, `fp16`) or None for fp32."""
+    cuda = torch.cuda.is_available()
     if precision == "fp32":
-        return False
-    available = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if precision == "bf16" and not available:
-        raise ConfigError("--precision bf16 needs a GPU with bf16 support; use --precision fp32 or auto")
-    return available
+        return None
+    if precision == "auto":
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else None
+    if not cuda or (precision == "bf16" and not torch.cuda.is_bf16_supported()):
+        raise ConfigError(f"--precision {precision} needs a GPU that supports it; use --precision fp32 or auto")
+    return precision
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
@@ -90,7 +93,10 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
     ds["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps(world_size)
     ds["gradient_clipping"] = cfg.gradient_clipping
-    ds["bf16"] = {"enabled": use_bf16(cfg.precision)}
+    mode = mixed_precision(cfg.precision)
+    ds["bf16"] = {"enabled": mode == "bf16"}
+    # fp16 needs loss scaling; DeepSpeed's dynamic scaler skips a step whose gradients overflow.
+    ds["fp16"] = {"enabled": mode == "fp16", "loss_scale": 0, "initial_scale_power": 16}
     ds["zero_optimization"] = ds.get("zero_optimization") or {"stage": cfg.zero_stage}
     if ds["zero_optimization"].get("stage", 0) != cfg.zero_stage:
         raise ConfigError(f"--deepspeed-config {path} asks for ZeRO stage {ds['zero_optimization'].get('stage', 0)} but "
@@ -103,44 +109,91 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     return ds
 
 
-def lr_factor(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Multiplier of the peak lr after `step` optimizer steps: linear warm-up, then decay."""
-    import math
-
-    if step < cfg.warmup_steps:
-        return step / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-    floor = cfg.min_lr_ratio
-    if cfg.schedule == "linear":
-        return floor + (1.0 - floor) * (1.0 - progress)
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+def compute_dtype(ds_config: dict[str, Any]) -> torch.dtype:
+    if ds_config["bf16"]["enabled"]:
+        return torch.bfloat16
+    return torch.float16 if ds_config["fp16"]["enabled"] else torch.float32
 
 
-def load_policy(cfg: TrainConfig, ds_config: dict[str, Any]) -> tuple[Any, Any]:
-    """The policy; under ZeRO-3 built partitioned across ranks as it loads (HfDeepSpeedConfig).
+def load_policy(cfg: TrainConfig, ds_config: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """(the causal LM the log-probs come from, its PEFT wrapper or None, the ZeRO-3 context or None).
 
-    Returns (model, the HfDeepSpeedConfig to keep alive for the run, or None).
+    Under ZeRO-3 the model is built partitioned across ranks as it loads (HfDeepSpeedConfig, kept
+    alive for the run). With --lora-rank, PEFT injects adapters into the loaded model in place, so
+    the causal LM computes with them and only their weights train.
     """
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    keep_alive = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"].get("stage") == 3 else None
-    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+    zero3 = ds_config["zero_optimization"].get("stage") == 3
+    keep_alive = HfDeepSpeedConfig(ds_config) if zero3 else None
+    extra: dict[str, Any] = {}
+    if cfg.load_in_4bit:
+        extra["quantization_config"] = _four_bit_config(zero3)
     try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.policy, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(cfg.policy, dtype=compute_dtype(ds_config), **extra)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         # A missing or damaged weight file, an unknown architecture: the user's to fix.
         first = (str(err).splitlines() or [type(err).__name__])[0]
         raise ConfigError(f"--policy {cfg.policy}: cannot load the model ({first[:300]}); give a complete local model "
                           f"directory") from None
     model.config.use_cache = False
-    if keep_alive is None:  # (under ZeRO-3 the parameters are already partitioned: no forward outside the engine)
+    if keep_alive is None and not cfg.load_in_4bit:
+        # (under ZeRO-3 the parameters are partitioned: no forward outside the engine)
         check_output_head(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model, keep_alive
+    peft_model = add_adapter(cfg, model) if cfg.lora_rank else None
+    return model, peft_model, keep_alive
+
+
+def _four_bit_config(zero3: bool) -> Any:
+    """QLoRA's NF4 base, where bitsandbytes can run it (CUDA); a one-line refusal elsewhere."""
+    if not torch.cuda.is_available():
+        raise ConfigError("--load-in-4bit needs a CUDA GPU (bitsandbytes' 4-bit kernels); train without it here, or "
+                          "with plain --lora-rank")
+    if zero3:
+        raise ConfigError("--load-in-4bit cannot be partitioned by ZeRO-3; use --zero-stage 0, 1 or 2")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("--load-in-4bit needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+# The attention and MLP projections of the common decoder families (Llama, Qwen, Mistral, Gemma, Phi-3).
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                        "qkv_proj", "gate_up_proj")
+
+
+def lora_targets(cfg: TrainConfig, model: torch.nn.Module) -> list[str] | str:
+    if cfg.lora_target_modules == "all-linear":
+        return "all-linear"
+    if cfg.lora_target_modules:
+        wanted = [name.strip() for name in cfg.lora_target_modules.split(",") if name.strip()]
+    else:
+        wanted = list(DEFAULT_LORA_TARGETS)
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    found = [name for name in wanted if name in present]
+    if not found or (cfg.lora_target_modules and len(found) < len(wanted)):
+        missing = sorted(set(wanted) - present)
+        raise ConfigError(f"--lora-target-modules: {type(model).__name__} has no module named {', '.join(missing)}; "
+                          f"name its linear layers or use all-linear")
+    return found
+
+
+def add_adapter(cfg: TrainConfig, model: torch.nn.Module) -> Any:
+    """Inject LoRA adapters (PEFT) into `model` in place; returns the PeftModel that saves them."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=lora_targets(cfg, model), task_type="CAUSAL_LM", bias="none")
+    return get_peft_model(model, lora)
 
 
 class PolicyLogprobs(torch.nn.Module):
@@ -182,7 +235,10 @@ class TrainEngine:
             return None
         if norm is None:
             norm = self.ds.get_global_grad_norm()
-        return float(norm) if norm is not None else None
+        if norm is None or (self.ds.fp16_enabled() and not torch.isfinite(torch.tensor(float(norm)))):
+            # Under fp16 an overflow is DeepSpeed's to handle: it skips the step and lowers the loss scale.
+            return None
+        return float(norm)
 
     def _norm_before_step(self) -> float | None:
         """The global gradient norm where DeepSpeed does not report one (ZeRO-0 in fp32).
@@ -190,7 +246,7 @@ class TrainEngine:
         There the gradients are whole and already averaged across ranks after the boundary's
         backward, so the norm is local arithmetic. Other stages report it after `step()`.
         """
-        if self.ds.zero_optimization_stage() != 0 or self.ds.bfloat16_enabled():
+        if self.ds.zero_optimization_stage() != 0 or self.ds.bfloat16_enabled() or self.ds.fp16_enabled():
             return None
         squares = [p.grad.detach().float().pow(2).sum() for p in self.ds.module.parameters() if p.grad is not None]
         return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
@@ -202,6 +258,16 @@ class TrainEngine:
         self.ds.eval()
 
 
+def learning_rate_schedule(cfg: TrainConfig, optimizer: Any, total_steps: int) -> Any:
+    """transformers' schedule of that name, warming up linearly over --warmup-steps."""
+    from transformers import get_scheduler
+
+    extra = {"min_lr_rate": cfg.min_lr_ratio} if cfg.schedule == "cosine_with_min_lr" else {}
+    name = "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps,
+                         scheduler_specific_kwargs=extra)
+
+
 def build_engine(cfg: TrainConfig, model: torch.nn.Module, ds_config: dict[str, Any], total_steps: int) -> TrainEngine:
     import deepspeed
 
@@ -209,25 +275,32 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, ds_config: dict[str, 
     ds_engine, _, _, _ = deepspeed.initialize(
         model=wrapper, model_parameters=[p for p in wrapper.parameters() if p.requires_grad],
         config=copy.deepcopy(ds_config),
-        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, total_steps)),
+        lr_scheduler=lambda optimizer: learning_rate_schedule(cfg, optimizer, total_steps),
     )
     return TrainEngine(ds_engine)
 
 
-def save_final_model(engine: TrainEngine, model: Any, tokenizer: Any, directory: Path, rank: int) -> None:
-    """`save_pretrained` of the trained policy; under ZeRO-3 its shards are gathered first.
+def gathered_state(engine: TrainEngine, rank: int) -> dict[str, torch.Tensor] | None:
+    """Under ZeRO-3 the whole model's weights gathered onto rank 0 (a collective: every rank calls it),
+    named as in the causal LM; None elsewhere (the model's own parameters are whole)."""
+    if engine.ds.zero_optimization_stage() != 3:
+        return None
+    state = engine.ds._zero3_consolidated_16bit_state_dict()
+    return {k.removeprefix("policy."): v for k, v in state.items()} if rank == 0 else None
 
-    Written beside `directory` and renamed into place, so `model/` is always a whole model.
-    """
-    state = None
-    if engine.ds.zero_optimization_stage() == 3:
-        state = engine.ds._zero3_consolidated_16bit_state_dict()  # a collective: every rank takes part
-        if rank == 0:
-            state = {k.removeprefix("policy."): v for k, v in state.items()}
-    if rank == 0:
-        with atomic_path(directory) as staging:
+
+def save_pretrained(model: Any, peft_model: Any, tokenizer: Any, state: dict[str, torch.Tensor] | None,
+                    directory: Path) -> None:
+    """`save_pretrained` of the policy (of the adapter alone with LoRA), written beside `directory`
+    and renamed into place, so the directory is always whole. `state`: gathered ZeRO-3 weights."""
+    with atomic_path(directory) as staging:
+        if peft_model is not None:
+            # PEFT names the causal LM's weights `base_model.model.<name>` and keeps the adapter's only.
+            adapter_state = {f"base_model.model.{k}": v for k, v in state.items()} if state is not None else None
+            peft_model.save_pretrained(staging, state_dict=adapter_state)
+        else:
             model.save_pretrained(staging, state_dict=state)
-            tokenizer.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
 
 
 def teardown(engine: TrainEngine, comm: Comm) -> None:

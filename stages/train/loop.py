@@ -45,7 +45,8 @@ def forward_loss(engine: Engine, batch: PairBatch, cfg: TrainConfig) -> tuple[to
     mask = batch.completion_mask
     out = selective_dpo_loss(
         policy[:pairs], policy[pairs:], batch.reference[:pairs], batch.reference[pairs:], mask[:pairs], mask[pairs:],
-        top_k=cfg.top_k, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+        top_k=cfg.top_k, beta=cfg.beta, label_smoothing=cfg.label_smoothing, loss_type=cfg.loss_type,
+        simpo_gamma=cfg.simpo_gamma, rpo_alpha=cfg.rpo_alpha, rpo_tokens=cfg.rpo_tokens,
         anchor_chosen=batch.anchor[:pairs], anchor_rejected=batch.anchor[pairs:],
     )
     w = batch.weights

@@ -16,7 +16,10 @@ from selpipe.pipeline.errors import ConfigError, storage_error
 from selpipe.pipeline.stream import CacheStream
 from selpipe.pipeline.tokenization import load_tokenizer, pad_id, tokenizer_fingerprint
 
-from .engine import Comm, TrainEngine, abandon, build_engine, deepspeed_config, load_policy, save_final_model, teardown
+from .engine import (
+    Comm, TrainEngine, abandon, build_engine, deepspeed_config, gathered_state, load_policy, save_pretrained, teardown,
+)
+from .export import merge_adapter
 from .evaluate import Evaluator
 from .loop import fit
 from .run_dir import RunDirectory, TrainState, check_output
@@ -82,15 +85,30 @@ def setup(cfg: TrainConfig, comm: Comm) -> Setup:
                  identity, cache_check_seconds)
 
 
+@dataclass
+class Policy:
+    """The model being trained: the causal LM, its PEFT wrapper with LoRA, and its tokenizer."""
+
+    model: Any
+    peft_model: Any
+    tokenizer: Any
+
+    def save(self, engine: TrainEngine, rank: int, directory: Path) -> None:
+        """`save_pretrained` into `directory` (every rank calls it: under ZeRO-3 the weights are gathered)."""
+        state = gathered_state(engine, rank)
+        if rank == 0:
+            save_pretrained(self.model, self.peft_model, self.tokenizer, state, directory)
+
+
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
     comm = Comm()
     engine: TrainEngine | None = None
     try:
         parts = setup(cfg, comm)
         torch.manual_seed(cfg.seed)
-        model, _zero3_context = load_policy(cfg, parts.ds_config)  # (the context stays alive for the run under ZeRO-3)
+        model, peft_model, zero3_context = load_policy(cfg, parts.ds_config)
         engine = build_engine(cfg, model, parts.ds_config, parts.total_steps)
-        summary = _train(cfg, parts, engine, model)
+        summary = _train(cfg, parts, engine, Policy(model, peft_model, parts.tokenizer))
     except BaseException as err:
         # No barrier here: another rank may never reach one.
         abandon(engine, comm)
@@ -99,10 +117,13 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
             raise
         raise converted from None
     teardown(engine, comm)
+    del zero3_context  # merging below loads the base whole, outside ZeRO-3's partitioned construction
+    if cfg.merge_adapter and comm.rank == 0 and summary["model_saved"]:
+        merge_adapter(cfg.policy, Path(cfg.output) / "model", Path(cfg.output) / "model-merged")
     return summary
 
 
-def _train(cfg: TrainConfig, parts: Setup, engine: TrainEngine, model: Any) -> dict[str, Any]:
+def _train(cfg: TrainConfig, parts: Setup, engine: TrainEngine, policy: Policy) -> dict[str, Any]:
     from tqdm import tqdm
 
     comm, run = parts.comm, parts.run
@@ -128,11 +149,16 @@ def _train(cfg: TrainConfig, parts: Setup, engine: TrainEngine, model: Any) -> d
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", margin=f"{metrics['rewards/margins']:.4f}",
                         pairs_s=f"{metrics['pairs_per_second']:.1f}")
 
+    def hf_copy(directory: Path) -> None:
+        policy.save(engine, comm.rank, directory / "hf")
+
+    hf_copy = hf_copy if cfg.save_hf_checkpoints else None
     started = time.perf_counter()
     try:
         state = fit(engine=engine, all_reduce=comm.all_reduce, batches=parts.stream.batches(state.position), cfg=cfg,
                     state=state, total_steps=parts.total_steps, pad_id=padding, log=run.log,
-                    save=lambda s: run.save_checkpoint(engine, comm, s, cfg, parts.identity), evaluate=evaluator,
+                    save=lambda s: run.save_checkpoint(engine, comm, s, cfg, parts.identity, also=hf_copy),
+                    evaluate=evaluator,
                     on_step=on_step)
     finally:
         bar.close()
@@ -141,13 +167,15 @@ def _train(cfg: TrainConfig, parts: Setup, engine: TrainEngine, model: Any) -> d
     # A rerun of a finished run trains nothing; its model is already there, unless the kill came before it was.
     # Rank 0 decides for all: under ZeRO-3 the save is a collective gather.
     model_dir = Path(cfg.output) / "model"
-    if cfg.save_model and comm.agreed(state.step > first_step or not model_dir.exists(), engine.device):
-        save_final_model(engine, model, parts.tokenizer, model_dir, comm.rank)
+    model_saved = cfg.save_model and comm.agreed(state.step > first_step or not model_dir.exists(), engine.device)
+    if model_saved:
+        policy.save(engine, comm.rank, model_dir)
     history = state.history
     summary = {
         "output": cfg.output, "steps": state.step, "steps_this_run": state.step - first_step,
         "world_size": comm.world_size, "seconds": round(elapsed, 2),
-        "cache_check_seconds": round(parts.cache_check_seconds, 3), "final": history.last_step_metrics or {},
+        "cache_check_seconds": round(parts.cache_check_seconds, 3), "model_saved": model_saved,
+        "final": history.last_step_metrics or {},
     }
     if history.first_eval is not None:
         summary["eval_before"] = history.first_eval

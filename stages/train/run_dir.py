@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,10 @@ MARKER = ".selpipe-run.json"
 # Settings a resumed run must share with its checkpoint: they fix the row order, the loss and the
 # optimizer (whose learning rate, betas and weight decay the checkpoint restores over any new value).
 # The caches are compared by content, not path: the same cache may be mounted elsewhere.
-RESUME_INVARIANTS = ("global_batch_size", "seed", "shuffle_window", "top_k", "beta", "label_smoothing", "max_steps",
-                     "epochs", "learning_rate", "min_lr_ratio", "schedule", "warmup_steps", "weight_decay", "adam_betas")
+RESUME_INVARIANTS = ("global_batch_size", "seed", "shuffle_window", "top_k", "loss_type", "beta", "label_smoothing",
+                     "simpo_gamma", "rpo_alpha", "rpo_tokens", "max_steps", "epochs", "learning_rate", "min_lr_ratio",
+                     "schedule", "warmup_steps", "weight_decay", "adam_betas", "lora_rank", "lora_alpha",
+                     "lora_dropout", "lora_target_modules", "load_in_4bit", "precision")
 
 
 @dataclass
@@ -170,11 +173,15 @@ class RunDirectory:
                       key=lambda p: int(p.name[5:]))
 
     def save_checkpoint(self, engine: Any, comm: Any, state: TrainState, cfg: TrainConfig,
-                        identity: dict[str, str | None]) -> None:
+                        identity: dict[str, str | None], also: Callable[[Path], None] | None = None) -> None:
+        """DeepSpeed's checkpoint plus selpipe's state; `also(directory)` (every rank) adds to it
+        before `latest` points at it."""
         tag = f"step-{state.step}"
         client = {"step": state.step, "position": state.position.to_json(), "config": to_dict(cfg),
                   "history": asdict(state.history), "identity": identity}
         engine.ds.save_checkpoint(str(self.checkpoints), tag=tag, client_state=client, save_latest=False)
+        if also is not None:
+            also(self.checkpoints / tag)
         torch.save({"cpu": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                    self.checkpoints / tag / f"rng-rank{comm.rank}.pt")
@@ -203,8 +210,10 @@ class RunDirectory:
             raise CacheError(f"{directory}: DeepSpeed could not load this checkpoint or it holds no selpipe state; "
                              f"delete it and point {self.checkpoints / 'latest'} at an earlier one")
         saved = client["config"]
-        changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_INVARIANTS
-                   if saved.get(k) != getattr(cfg, k)]
+        # A setting newer than the checkpoint had its default then.
+        defaults = {f.name: f.default for f in fields(TrainConfig)}
+        changed = [f"--{k.replace('_', '-')} {saved.get(k, defaults[k])!r} -> {getattr(cfg, k)!r}"
+                   for k in RESUME_INVARIANTS if saved.get(k, defaults[k]) != getattr(cfg, k)]
         saved_identity = client.get("identity") or {}
         changed += [f"--{name.replace('_', '-')} holds other scores than the checkpoint's" for name in identity
                     if saved_identity.get(name) != identity[name]]
