@@ -134,9 +134,10 @@ def _train(cfg: TrainConfig, parts: Setup, engine: TrainEngine, policy: Policy) 
         if cfg.resume and comm.rank == 0:
             print(f"--resume: no checkpoint in {run.checkpoints}, starting fresh", flush=True)
         state, resumed_from = TrainState(), None
-    run.write_json("config.json", {"train": to_dict(cfg), "deepspeed": parts.ds_config, "world_size": comm.world_size,
-                                   "total_steps": parts.total_steps, "cache_rows": parts.stream.total_rows})
-    run.open_logs(resumed_from)
+    resolved = {"train": to_dict(cfg), "deepspeed": parts.ds_config, "world_size": comm.world_size,
+                "total_steps": parts.total_steps, "cache_rows": parts.stream.total_rows}
+    run.write_json("config.json", resolved)
+    run.open_logs(resumed_from, cfg.trackers(), resolved)
     padding = pad_id(parts.tokenizer)
     evaluator = (Evaluator(cfg.eval_cache, parts.caches.eval, engine, comm.all_reduce, comm.rank, comm.world_size, cfg,
                            padding) if parts.caches.eval else None)

@@ -3,7 +3,8 @@
     .selpipe-run.json           marker: this directory is a selpipe training run (written first)
     config.json                 the resolved TrainConfig and the DeepSpeed config it produced
     metrics.jsonl               one object per logged optimizer step, eval rows prefixed `eval/`
-    tensorboard/                the same metrics for TensorBoard
+    tensorboard/                the same metrics for TensorBoard (and W&B, MLflow: --report-to)
+    trackers.json               the W&B and MLflow run ids, so a resumed run continues them
     checkpoints/step-N/         DeepSpeed checkpoint + stream position, RNG states, config,
                                 the caches' content digests and the eval history
     checkpoints/latest          name of the newest complete checkpoint (written last)
@@ -112,7 +113,7 @@ class RunDirectory:
         self.output, self.rank = Path(output), rank
         self.checkpoints = self.output / "checkpoints"
         self.metrics_path = self.output / "metrics.jsonl"
-        self.tensorboard: Any = None
+        self.trackers: Any = None
 
     # -------------------------------------------------------------- claim and run files
 
@@ -128,7 +129,7 @@ class RunDirectory:
 
     # -------------------------------------------------------------- logs
 
-    def open_logs(self, resume_step: int | None) -> None:
+    def open_logs(self, resume_step: int | None, trackers: list[str], config: dict[str, Any]) -> None:
         """Keep the logged rows up to the checkpoint resumed from (`resume_step`); none on a fresh start."""
         if self.rank != 0:
             return
@@ -137,24 +138,20 @@ class RunDirectory:
             lines = self.metrics_path.read_text().splitlines() if resume_step is not None else []
             kept = [line for line in lines if (step := _logged_step(line)) is not None and step <= resume_step]
             write_text_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
-        from torch.utils.tensorboard import SummaryWriter
+        from .trackers import Trackers
 
-        self.tensorboard = SummaryWriter(str(self.output / "tensorboard"),
-                                         purge_step=0 if resume_step is None else resume_step + 1)
+        self.trackers = Trackers(trackers, self.output, config, resume_step)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if self.rank != 0:
             return
         with open(self.metrics_path, "a") as handle:
             handle.write(json.dumps({"step": step, **metrics}) + "\n")
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)):
-                self.tensorboard.add_scalar(key, value, step)
-        self.tensorboard.flush()
+        self.trackers.log(step, metrics)
 
     def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        if self.trackers is not None:
+            self.trackers.close()
 
     # -------------------------------------------------------------- checkpoints
 
