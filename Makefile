@@ -1,4 +1,5 @@
 # selpipe's two entry points on a fresh machine: `make demo` and `make test`.
+# `make demo ARGS="--loss-type ipo --beta 0.5"` passes extra flags to the demo's `selpipe train`.
 # Both create .venv and install what they need the first time.
 
 VENV := .venv
@@ -20,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH bash data/demo.sh
+	PATH=$(CURDIR)/$(BIN):$$PATH bash data/demo.sh $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
