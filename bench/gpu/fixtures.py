@@ -16,9 +16,10 @@ merges extend a word by its next letter, the text ` abc` always tokenizes to the
 
 The benchmark data are drawn as token ids and written as those words, so `score-ref` and TRL both
 tokenize real strings with a real tokenizer of exactly the model's vocabulary size; the stage-one
-check asserts that the cache holds the ids drawn. Chosen completions draw from the lower half of
-the words and rejected ones from the upper half, so the policy has something to learn and the
-loss falls within a few steps (a resume that restarted wrong would show in its losses).
+check asserts that the cache holds the ids drawn. Prompts draw from every word; chosen
+completions from a set of 64 "good" words and rejected ones from 64 "bad" words, so the policy
+has something it can learn within 20 steps and the loss moves from step to step (a resume that
+restarted wrong would show in its losses).
 """
 
 from __future__ import annotations
@@ -209,6 +210,8 @@ def build_model(shape: Shape, vocab: int, tokenizer: Any, directory: Path, *, se
 # ---------------------------------------------------------------------------- data
 
 
+COMPLETION_WORDS = 64  # the "good" words of chosen completions, and as many "bad" ones of rejected
+
 @dataclass(frozen=True)
 class Pair:
     id: str
@@ -232,14 +235,13 @@ def make_pairs(data: Data, vocab: int, seed: int, prefix: str) -> list[Pair]:
     """Random pairs; completions of 3/4 to all of `data.completion` tokens, EOS included, so batches pad."""
     rng = random.Random(seed)
     ids = word_ids(vocab)
-    middle = ids.start + len(ids) // 2
+    good, bad = ids[:COMPLETION_WORDS], ids[COMPLETION_WORDS:2 * COMPLETION_WORDS]
     longest = data.completion - 1  # room for the EOS
 
-    def completion(low: int, high: int) -> list[int]:
-        return [rng.randrange(low, high) for _ in range(rng.randint(longest * 3 // 4, longest))]
+    def completion(choices: range) -> list[int]:
+        return [rng.choice(choices) for _ in range(rng.randint(longest * 3 // 4, longest))]
 
-    return [Pair(f"{prefix}-{index:05d}", [rng.randrange(ids.start, ids.stop) for _ in range(data.prompt)],
-                 completion(ids.start, middle), completion(middle, ids.stop))
+    return [Pair(f"{prefix}-{index:05d}", [rng.choice(ids) for _ in range(data.prompt)], completion(good), completion(bad))
             for index in range(data.pairs)]
 
 
