@@ -102,7 +102,7 @@ PROFILES = {
         stage_one_speed=Data(pairs=128, prompt=128, completion=896),
         stage_two=Data(pairs=320, prompt=128, completion=896),
         micro_batch=4, global_batch=16, steps=20, save_every=10, warmup_steps=5, learning_rate=1e-5,
-        memory_vocab=151936, memory_seq_len=2048, timeout_s=300,
+        memory_vocab=151936, memory_seq_len=2048, timeout_s=180,
     ),
     # This CPU machine: the same code paths at toy sizes, fp32 training (selpipe trains bf16 on GPUs only).
     "tiny": Profile(
@@ -189,7 +189,7 @@ def build_model(shape: Shape, vocab: int, tokenizer: Any, directory: Path, *, se
     import torch
     from transformers import AutoConfig, Qwen2Config, Qwen2ForCausalLM
 
-    if (directory / "config.json").exists():
+    if (directory / "tokenizer.json").exists():  # written last: the model before it is whole
         config = AutoConfig.from_pretrained(directory)
         with torch.device("meta"):
             return Qwen2ForCausalLM(config).num_parameters()

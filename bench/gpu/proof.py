@@ -101,9 +101,10 @@ def finite(values: list[float]) -> bool:
 class Proof:
     def __init__(self, profile: str, device: str, out: Path, work: Path):
         self.profile: Profile = PROFILES[profile]
-        self.profile_name, self.device, self.out, self.work = profile, device, out, work
+        # Models, caches and runs are reused by a rerun (`--only`) with the same sizes and device, never across them.
+        self.profile_name, self.device, self.out, self.work = profile, device, out, work / f"{profile}-{device}"
         self.gpu = device == "cuda"
-        for folder in (out, work / "logs", work / "runs", work / "caches"):
+        for folder in (out, self.work / "logs", self.work / "runs", self.work / "caches"):
             folder.mkdir(parents=True, exist_ok=True)
         self.env = environment(work)
         self.results: dict[str, dict] = {}
@@ -506,7 +507,7 @@ def main() -> None:
             parser.error("--device cuda but no GPU is visible; use --device cpu --tiny for the CPU rehearsal")
     started = time.perf_counter()
     proof = Proof("tiny" if args.tiny else "full", args.device, args.out, args.work)
-    log(f"GPU proof: profile {proof.profile_name}, device {args.device}, out {args.out}, work {args.work}")
+    log(f"GPU proof: profile {proof.profile_name}, device {args.device}, out {args.out}, work {proof.work}")
     proof.run_checks(names)
     summary = proof.summary(time.perf_counter() - started)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
