@@ -6,7 +6,7 @@ committed page matches what this script would write.
 
 from pathlib import Path
 
-from selpipe.pipeline.config import InspectConfig, ScoreConfig, TrainConfig, VerifyConfig, settings_table
+from selpipe.pipeline.config import ExportConfig, InspectConfig, ScoreConfig, TrainConfig, VerifyConfig, settings_table
 
 PAGE = Path(__file__).resolve().parent / "configuration.md"
 
@@ -28,6 +28,10 @@ cache, `config.json` in a training run).
 ## `selpipe train`
 
 {settings_table(TrainConfig)}
+
+## `selpipe export`
+
+{settings_table(ExportConfig)}
 
 ## `selpipe inspect`
 

@@ -296,7 +296,38 @@ class VerifyConfig:
             _check_choice(self, "dtype", DType)
 
 
-ConfigT = TypeVar("ConfigT", ScoreConfig, TrainConfig, InspectConfig, VerifyConfig)
+ExportStep = Literal["best", "latest"]
+
+
+@dataclass
+class ExportConfig:
+    """Settings of `selpipe export`: a training run's checkpoint as a Hugging Face model (or LoRA adapter)."""
+
+    run: str = setting("", "Training run directory (the --output of `selpipe train`).", argument=True)
+    output: str = setting("", "Directory to write, new or empty: a model for AutoModelForCausalLM.from_pretrained, or "
+                              "for a LoRA run an adapter for PeftModel.from_pretrained.")
+    step: int | ExportStep = setting("latest", "Checkpoint to export: its step, `latest`, or `best` (the kept checkpoint "
+                                               "whose logged --metric is best).")
+    metric: str = setting("eval/loss", "With --step best: the metrics.jsonl key that ranks the checkpoints; the lowest "
+                                       "wins unless --greater-is-better.")
+    greater_is_better: bool = setting(False, "With --step best: the highest --metric wins (for accuracies).")
+    merge: bool = setting(False, "For a LoRA run: write the base with the adapter merged in, a full model.")
+    policy: str | None = setting(None, "The base model the run trained (default: the run's --policy); give it where "
+                                       "that directory has moved.")
+
+    def __post_init__(self) -> None:
+        if not self.run:
+            raise ConfigError("RUN is required: give a training run directory")
+        if not self.output:
+            raise ConfigError("--output is required")
+        if self.step not in get_args(ExportStep) and (isinstance(self.step, bool) or not isinstance(self.step, int)
+                                                      or self.step <= 0):
+            raise ConfigError(f"--step must be a positive integer, best or latest; got {self.step!r}")
+        if not self.metric:
+            raise ConfigError("--metric must name a metrics.jsonl key, such as eval/loss")
+
+
+ConfigT = TypeVar("ConfigT", ScoreConfig, TrainConfig, InspectConfig, VerifyConfig, ExportConfig)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

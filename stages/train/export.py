@@ -1,10 +1,37 @@
-"""Hugging Face models out of a run: merge an adapter into its base (`--merge-adapter`)."""
+"""Hugging Face models out of a run: `selpipe export` (a checkpoint as a model or a LoRA adapter) and
+`merge_adapter` (`--merge-adapter`).
+
+Where a DeepSpeed checkpoint keeps the weights depends on the ZeRO stage (measured, DeepSpeed 0.19):
+
+    ZeRO 0     whole, in rank 0's mp_rank_00_model_states.pt under 'module'; there is no
+               optimizer file of partitions, so DeepSpeed's zero_to_fp32 cannot read it
+    ZeRO 1, 2  whole there too, and as fp32 master partitions in each rank's *_optim_states.pt
+    ZeRO 3     only as partitions: the module file holds empty placeholders
+
+So ZeRO 0 reads 'module', and ZeRO 1 to 3 read the fp32 master weights through zero_to_fp32 (on
+ZeRO 1 and 2 in fp32 both give the same tensors). The names are the training wrapper's
+(`policy.` + the causal LM's name, see engine.PolicyLogprobs). The weights go into the policy the
+run started from, loaded as it is stored, so the export has its config, dtype and tokenizer.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
+import math
+import sys
 from pathlib import Path
+from typing import Any
 
 from selpipe.pipeline.atomic import atomic_path
+from selpipe.pipeline.config import ExportConfig, TrainConfig
+from selpipe.pipeline.errors import CacheError, ConfigError
+from selpipe.pipeline.tokenization import load_tokenizer
+
+from .run_dir import RunDirectory
+
+PREFIX = "policy."  # engine.PolicyLogprobs holds the causal LM as `policy`
 
 
 def merge_adapter(base: str, adapter: Path, directory: Path) -> None:
@@ -14,6 +41,212 @@ def merge_adapter(base: str, adapter: Path, directory: Path) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    _save(merged, AutoTokenizer.from_pretrained(adapter), directory)
+
+
+def export_checkpoint(cfg: ExportConfig) -> dict[str, Any]:
+    """Write checkpoint `cfg.step` of the run `cfg.run` into `cfg.output`; returns what was written."""
+    run = Path(cfg.run)
+    saved = _run_config(run)
+    train = _train_config(saved, cfg.policy)
+    if cfg.merge and not train.lora_rank:
+        raise ConfigError(f"--merge merges a LoRA adapter, but {run} trained every weight; its export is already a "
+                          f"full model: drop --merge")
+    _check_output(Path(cfg.output))
+    steps = checkpoint_steps(run)
+    step, value = _choose_step(cfg, run, steps)
+    directory = run / "checkpoints" / f"step-{step}"
+    stage = saved["deepspeed"].get("zero_optimization", {}).get("stage", 0)
+    state = checkpoint_state(directory, stage, adapter_only=bool(train.lora_rank))
+    tokenizer = load_tokenizer(train.policy)
+    base = _load_base(train.policy)
+    if train.lora_rank:
+        model = _with_adapter(train, base, state, directory)
+        kind = "merged" if cfg.merge else "adapter"
+        _save(model.merge_and_unload() if cfg.merge else model, tokenizer, Path(cfg.output))
+    else:
+        _load_weights(base, state, directory, train.policy)
+        kind = "model"
+        _save(base, tokenizer, Path(cfg.output))
+    summary: dict[str, Any] = {"run": str(run), "step": step, "output": cfg.output, "kind": kind,
+                               "policy": train.policy, "zero_stage": stage}
+    if value is not None:
+        summary[cfg.metric] = value
+    return summary
+
+
+# ---------------------------------------------------------------- what to export (all before any weight loads)
+
+
+def _run_config(run: Path) -> dict[str, Any]:
+    """The run's config.json (the resolved TrainConfig and DeepSpeed config), or a one-line refusal."""
+    try:
+        saved = json.loads((run / "config.json").read_text())
+    except FileNotFoundError:
+        saved = None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CacheError(f"{run / 'config.json'} cannot be read ({err}); it is the run's record of its settings") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict) \
+            or not isinstance(saved.get("deepspeed"), dict):
+        raise ConfigError(f"RUN {run} is not a selpipe training run (no config.json written by `selpipe train`); give "
+                          f"the --output directory of a run")
+    return saved
+
+
+def _train_config(saved: dict[str, Any], policy: str | None) -> TrainConfig:
+    """The run's TrainConfig; a setting newer than the run had its default then."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    train = TrainConfig(**{k: v for k, v in saved["train"].items() if k in known})
+    policy = policy or train.policy
+    if not Path(policy).is_dir():
+        raise ConfigError(f"the run's policy {policy} is not a directory here; the export needs the base model's "
+                          f"config, tokenizer (and with LoRA its weights): pass --policy with where it is now")
+    return dataclasses.replace(train, policy=policy)
+
+
+def _check_output(output: Path) -> None:
+    """Never write over what this command did not create: --output must be new or an empty directory."""
+    if output.exists() and not (output.is_dir() and not any(output.iterdir())):
+        raise ConfigError(f"--output {output} exists and is not an empty directory; choose a new or empty --output "
+                          f"(selpipe will not overwrite files it did not create)")
+
+
+def checkpoint_steps(run: Path) -> list[int]:
+    """The steps of the run's complete checkpoints: those up to the one `latest` names (a later
+    step-N directory is what a kill during its save left behind)."""
+    latest = RunDirectory(run, rank=0).latest_checkpoint()
+    if latest is None:
+        return []
+    newest = int(latest[5:])
+    found = (p.name[5:] for p in (run / "checkpoints").glob("step-*") if p.is_dir())
+    return sorted(int(n) for n in found if n.isdigit() and int(n) <= newest)
+
+
+def _choose_step(cfg: ExportConfig, run: Path, steps: list[int]) -> tuple[int, float | None]:
+    """(the step to export, its --metric value where --step best chose it)."""
+    kept = ", ".join(map(str, steps)) or "none"
+    if not steps:
+        raise ConfigError(f"RUN {run} holds no complete checkpoint (it stopped before its first save); nothing to "
+                          f"export")
+    if cfg.step == "latest":
+        return steps[-1], None
+    if cfg.step == "best":
+        return best_step(run / "metrics.jsonl", cfg.metric, steps, cfg.greater_is_better)
+    if cfg.step not in steps:
+        raise ConfigError(f"--step {cfg.step}: {run} has no checkpoint of that step; its checkpoints are at steps "
+                          f"{kept} (--keep-checkpoints keeps the most recent)")
+    return cfg.step, None
+
+
+def best_step(metrics: Path, metric: str, steps: list[int], greater_is_better: bool) -> tuple[int, float]:
+    """The checkpoint whose logged `metric` is best (the earliest on a tie), and that value.
+
+    An eval at step N runs before the checkpoint at N is saved, so it describes that checkpoint.
+    """
+    values: dict[int, float] = {}
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    for line in lines:
+        try:
+            row = json.loads(line)
+            step, value = row["step"], row[metric]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # another metric's row, or a line a kill cut short
+        if step in steps and isinstance(value, (int, float)) and math.isfinite(value):
+            values[step] = float(value)  # a later row of the same step is the rerun's (resume keeps one)
+    if not values:
+        raise ConfigError(f"--step best: {metrics} logs no {metric} at a kept checkpoint (steps "
+                          f"{', '.join(map(str, steps))}); train with --eval-cache and an --eval-every that divides "
+                          f"--save-every, or export a --step N")
+    sign = -1.0 if greater_is_better else 1.0
+    best = min(sorted(values), key=lambda s: sign * values[s])
+    return best, values[best]
+
+
+# ---------------------------------------------------------------- the weights
+
+
+def checkpoint_state(directory: Path, zero_stage: int, adapter_only: bool) -> dict[str, Any]:
+    """The weights of checkpoint `directory`, named as in the causal LM; with `adapter_only`, only
+    the LoRA adapter's (the base is frozen, so the policy's own files hold it)."""
+    from .safe_load import check_checkpoint_files, load_tensors
+
+    # DeepSpeed's readers unpickle freely: every file is first read as tensors and plain data only.
+    check_checkpoint_files(directory)
+    if zero_stage == 0:
+        raw = load_tensors(directory / "mp_rank_00_model_states.pt").get("module")
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        # zero_to_fp32 prints its progress; stdout is the command's summary.
+        with contextlib.redirect_stdout(sys.stderr):
+            try:
+                raw = get_fp32_state_dict_from_zero_checkpoint(str(directory.parent), tag=directory.name,
+                                                               exclude_frozen_parameters=adapter_only)
+            except (FileNotFoundError, ValueError, KeyError) as err:
+                raise CacheError(f"{directory}: DeepSpeed cannot join this ZeRO-{zero_stage} checkpoint's partitions "
+                                 f"({str(err).splitlines()[0][:200]}); export another --step") from None
+    if not isinstance(raw, dict) or not raw or not all(isinstance(k, str) and k.startswith(PREFIX) for k in raw):
+        raise CacheError(f"{directory}: holds no selpipe policy weights (names starting {PREFIX!r}); export a checkpoint "
+                         f"that `selpipe train` wrote")
+    state = {k.removeprefix(PREFIX): v for k, v in raw.items()}
+    return {k: v for k, v in state.items() if "lora_" in k} if adapter_only else state
+
+
+def _load_base(policy: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        # As stored: the export keeps the policy's dtype.
+        return AutoModelForCausalLM.from_pretrained(policy, dtype="auto")
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"--policy {policy}: cannot load the model ({first[:300]}); give the base model the run "
+                          f"trained") from None
+
+
+def _mismatch(directory: Path, policy: str, missing: list[str], unexpected: list[str]) -> CacheError:
+    def names(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    parts = ([f"missing {names(missing)}"] if missing else []) + ([f"unexpected {names(unexpected)}"] if unexpected else [])
+    return CacheError(f"{directory}: its weights do not fit the policy {policy} ({'; '.join(parts)}); pass as --policy "
+                      f"the model this run trained")
+
+
+def _load_weights(model: Any, state: dict[str, Any], directory: Path, policy: str) -> None:
+    """Every weight of the model from `state`, and nothing else in it (strict, one line if not)."""
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a shape that differs
+        raise CacheError(f"{directory}: its weights do not fit the policy {policy} "
+                         f"({str(err).splitlines()[-1].strip()[:200]}); pass as --policy the model this run trained") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise _mismatch(directory, policy, result.missing_keys, result.unexpected_keys)
+
+
+def _with_adapter(train: TrainConfig, base: Any, adapter: dict[str, Any], directory: Path) -> Any:
+    """`base` with the run's LoRA adapter (built as training built it) holding the checkpoint's adapter weights."""
+    from .engine import add_adapter
+
+    # The same LoraConfig as in training; the base loads as stored (a QLoRA adapter merges into the full base).
+    peft_model = add_adapter(dataclasses.replace(train, load_in_4bit=False, gradient_checkpointing=False), base)
+    # PEFT names the causal LM `base_model.model` (as engine.save_pretrained maps them).
+    named = {f"base_model.model.{k}": v for k, v in adapter.items()}
+    expected = {k for k in peft_model.state_dict() if "lora_" in k}
+    missing, unexpected = sorted(expected - named.keys()), sorted(named.keys() - expected)
+    if missing or unexpected:
+        raise _mismatch(directory, train.policy, missing, unexpected)
+    try:
+        peft_model.load_state_dict(named, strict=False)
+    except RuntimeError as err:
+        raise CacheError(f"{directory}: its adapter does not fit the policy {train.policy} "
+                         f"({str(err).splitlines()[-1].strip()[:200]}); pass as --policy the model this run trained") from None
+    return peft_model
+
+
+def _save(model: Any, tokenizer: Any, directory: Path) -> None:
+    """`save_pretrained` of the model (of the adapter alone for a PeftModel) and its tokenizer,
+    written beside `directory` and renamed into place, so the directory is always whole."""
     with atomic_path(directory) as staging:
-        merged.save_pretrained(staging)
-        AutoTokenizer.from_pretrained(adapter).save_pretrained(staging)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
