@@ -1,0 +1,125 @@
+"""A run never hurts the user's files: each refusal is one line, exit 2, before anything is written,
+and the files it would have touched are byte-identical afterwards."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ...conftest import run_cli
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def train(cache, policy, output, *extra):
+    return run_cli("train", "--cache", cache, "--policy", policy, "--output", output, "--no-progress",
+                   "--global-batch-size", "8", "--micro-batch-size", "4", *extra, check=False, timeout=300)
+
+
+def assert_refused(result, *fragments):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and lines[-1].startswith("error: "), result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+
+
+@pytest.fixture
+def policy(models, tmp_path) -> Path:
+    copy = tmp_path / "policy"
+    shutil.copytree(models["policy"], copy)
+    return copy
+
+
+def test_an_output_that_is_someone_elses_directory_is_refused_untouched(demo_cache, policy, tmp_path):
+    theirs = tmp_path / "theirs"
+    (theirs / "model").mkdir(parents=True)
+    (theirs / "config.json").write_text('{"mine": true}\n')
+    (theirs / "metrics.jsonl").write_text("precious\n")
+    (theirs / "model" / "weights.bin").write_bytes(b"\x00" * 64)
+    before = snapshot(theirs)
+    result = train(demo_cache, policy, theirs, "--max-steps", "1")
+    assert_refused(result, f"--output {theirs} is a directory that is not a selpipe run and not empty")
+    assert snapshot(theirs) == before
+
+
+@pytest.mark.parametrize("where", ["policy", "inside-policy", "cache", "inside-cache"])
+def test_an_output_overlapping_the_policy_or_a_cache_is_refused(demo_cache, policy, tmp_path, where):
+    output = {"policy": policy, "inside-policy": policy / "run", "cache": demo_cache,
+              "inside-cache": demo_cache / "run"}[where]
+    before = snapshot(policy), snapshot(demo_cache)
+    result = train(demo_cache, policy, output, "--max-steps", "1")
+    assert_refused(result, f"--output {output} overlaps", "a run would write into your inputs")
+    assert (snapshot(policy), snapshot(demo_cache)) == before and not (demo_cache / "run").exists()
+
+
+def test_an_output_that_is_a_file_is_refused(demo_cache, policy, tmp_path):
+    output = tmp_path / "out"
+    output.write_text("keep me")
+    assert_refused(train(demo_cache, policy, output), f"--output {output} is a file")
+    assert output.read_text() == "keep me"
+
+
+def test_an_output_below_a_file_is_one_line(demo_cache, policy, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    result = train(demo_cache, policy, tmp_path / "afile" / "run", "--max-steps", "1")
+    assert_refused(result, "afile")
+
+
+def test_a_poisoned_cache_is_refused_before_step_one(demo_cache, policy, tmp_path):
+    from ...pipeline.test_cache_validation import poison
+
+    cache = tmp_path / "cache"
+    shutil.copytree(demo_cache, cache)
+    poison(cache, "chosen_ref_logps", float("nan"))
+    result = train(cache, policy, tmp_path / "run", "--max-steps", "1")
+    assert_refused(result, "chosen_ref_logps holds NaN or infinite values")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_policy_with_a_missing_weight_file_is_one_line(demo_cache, policy, tmp_path):
+    for weights in policy.glob("*.safetensors"):
+        weights.unlink()
+    assert_refused(train(demo_cache, policy, tmp_path / "run", "--max-steps", "1"), f"--policy {policy}: cannot load")
+
+
+def test_a_policy_whose_vocabulary_is_smaller_than_its_tokenizer_is_refused(demo_cache, policy, tmp_path):
+    config = json.loads((policy / "config.json").read_text())
+    config["vocab_size"] = 100
+    (policy / "config.json").write_text(json.dumps(config))
+    assert_refused(train(demo_cache, policy, tmp_path / "run"), "the model's vocabulary (100) is smaller than its tokenizer's")
+
+
+def test_an_invalid_deepspeed_config_is_one_line(demo_cache, policy, tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text("{ not json")
+    assert_refused(train(demo_cache, policy, tmp_path / "run", "--deepspeed-config", bad),
+                   f"--deepspeed-config {bad} is not a readable JSON file")
+
+
+def test_a_crafted_checkpoint_file_is_refused_on_resume_and_runs_nothing(demo_cache, policy, tmp_path):
+    run = tmp_path / "run"
+    result = train(demo_cache, policy, run, "--max-steps", "2", "--save-every", "1", "--no-save-model")
+    assert result.returncode == 0, result.stderr[-3000:]
+    planted = tmp_path / "pwned"
+    states = run / "checkpoints" / "step-2" / "mp_rank_00_model_states.pt"
+    (tmp_path / "craft.py").write_text(
+        "import pathlib, sys, torch\n"
+        "class Payload:\n"
+        "    def __reduce__(self):\n"
+        f"        return (pathlib.Path.touch, (pathlib.Path({str(planted)!r}),))\n"
+        f"torch.save({{'module': Payload()}}, {str(states)!r})\n")
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, str(tmp_path / "craft.py")], check=True)
+    resumed = train(demo_cache, policy, run, "--max-steps", "3", "--save-every", "1", "--no-save-model", "--resume")
+    assert_refused(resumed, f"{states}: refused to load this checkpoint file")
+    assert not planted.exists()
