@@ -6,6 +6,7 @@ old file or the new one, never a torn one, and never a stray temporary file afte
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -63,3 +64,48 @@ def write_with(path: str | Path, writer: Callable[[Path], None], *, fsync: bool 
     """`writer(tmp)` writes the content; it lands at `path` only if the writer returns."""
     with atomic_path(path, fsync=fsync) as tmp:
         writer(tmp)
+
+
+# link(2) failing with these means the file system has no hard links (some FUSE and SMB mounts).
+NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.ENOSYS)
+
+
+def create_exclusive(path: str | Path, text: str) -> bool:
+    """Create `path` holding `text` only if nothing is there yet; True if this call created it.
+
+    The file is written under a temporary name and hard-linked to `path`: link(2) refuses an
+    existing name atomically, on NFS too, and the file appears whole. Over NFS a lost reply can
+    report failure for a link that was made, so success is read from the temporary file's link
+    count, as in the classic NFS lock-file recipe. Where hard links are unsupported, `O_EXCL`
+    creates the file and it is written in place (a reader may then see it torn for a moment).
+    """
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        except OSError as err:
+            if err.errno not in NO_HARD_LINKS:
+                raise
+            return _create_in_place(path, text)
+        return os.stat(tmp).st_nlink == 2
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _create_in_place(path: Path, text: str) -> bool:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return True

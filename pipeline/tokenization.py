@@ -7,6 +7,9 @@ gets EOS appended. Conversational rows: the prompt is rendered with the chat tem
 generation prompt; a completion is the rest of the template's rendering of prompt + that turn,
 so it ends with the template's end-of-turn token.
 
+A `tools` list goes to the template with the messages, so tool schemas and assistant `tool_calls`
+render as the template renders them.
+
 Truncation (`truncate`): a prompt over `max_prompt_length` keeps its BOS (if it starts with one)
 and its last tokens (those next to the response); then completions over `max_length - len(prompt)` keep their first tokens.
 With `skip` a row over either limit is skipped with reason `too_long`.
@@ -56,9 +59,25 @@ def _chat_text(tokenizer: Any, row: RawRow, field: str, source: str, generation_
     """The chat template's rendering of the prompt, plus the `field` turn unless that is the prompt."""
     messages = row.prompt if field == "prompt" else row.prompt + getattr(row, field)  # type: ignore[operator]
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        text = tokenizer.apply_chat_template(messages, tools=row.tools, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as err:  # templates reject rows their own way (raise_exception, TypeError, ...): all are this row's fault
         raise BadRowError(source, row.position + 1, field, "template_error", f"the chat template failed: {err}", row.id) from None
+    _check_parts_rendered(text, messages, row, field, source)
+    return text
+
+
+def _check_parts_rendered(text: str, messages: list[dict[str, Any]], row: RawRow, field: str, source: str) -> None:
+    """Content given as a list of text parts must come out as its text. A template written for string
+    content prints such a list as a Python list (or drops it), which would be scored as if said."""
+    for index, message in enumerate(messages):
+        content = message.get("content")
+        if not isinstance(content, list):
+            continue
+        missing = [part["text"] for part in content if part["text"].strip() and part["text"].strip() not in text]
+        if missing or "'type': 'text'" in text or '"type": "text"' in text:
+            raise BadRowError(source, row.position + 1, field, "template_error",
+                              f"the chat template does not render content given as a list of text parts (message {index}); "
+                              f"give the content as a string", row.id)
 
 
 def tokenize_pair(tokenizer: Any, row: RawRow, settings: TokenizationSettings, source: str = "input") -> TokenizedPair:

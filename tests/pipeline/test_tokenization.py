@@ -69,3 +69,49 @@ def test_chat_template_errors_are_bad_rows(tokenizer):
     assert info.value.reason == "template_error"
     assert str(info.value) == ("in.jsonl: row 5 (id r), field 'chosen': the chat template failed: "
                                "Conversation roles must alternate user/assistant")
+
+
+# Qwen-style: tools in a system block, tool calls as <tool_call> JSON, content as a string or text parts.
+TOOL_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.content is string %}{{ m.content }}{% elif m.content %}{% for p in m.content %}{{ p.text }}{% endfor %}{% endif %}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+CALL = {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}
+
+
+@pytest.fixture
+def tool_tokenizer(tokenizer):
+    import copy
+
+    templated = copy.deepcopy(tokenizer)
+    templated.chat_template = TOOL_TEMPLATE
+    return templated
+
+
+def test_tools_and_tool_calls_render_as_the_template_renders_them(tool_tokenizer):
+    row = RawRow("t", 0, [{"role": "user", "content": "Weather in Paris?"}], [CALL],
+                 [{"role": "assistant", "content": "No idea."}], tools=TOOLS)
+    pair = tokenize_pair(tool_tokenizer, row, TokenizationSettings(max_length=1024, max_prompt_length=512))
+    assert tool_tokenizer.decode(pair.prompt_ids) == (
+        '<|im_start|>system\n{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}\n'
+        "<|im_end|>\n<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n")
+    assert tool_tokenizer.decode(pair.chosen_ids) == (
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call><|im_end|>\n')
+    assert tool_tokenizer.decode(pair.rejected_ids) == "No idea.<|im_end|>\n"
+
+
+def test_text_parts_render_where_the_template_renders_them(tool_tokenizer, tokenizer):
+    """The same ids as the content given as one string; a template that prints the list is refused."""
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What is 1 plus 2"}, {"type": "text", "text": "?"}]}]
+    plain = [{"role": "user", "content": "What is 1 plus 2?"}]
+    answers = [{"role": "assistant", "content": "3."}], [{"role": "assistant", "content": "4."}]
+    assert tokenize_pair(tool_tokenizer, RawRow("p", 0, parts, *answers), SETTINGS) == \
+        tokenize_pair(tool_tokenizer, RawRow("p", 0, plain, *answers), SETTINGS)
+    with pytest.raises(BadRowError) as info:
+        tokenize_pair(tokenizer, RawRow("p", 2, parts, *answers), SETTINGS, source="in.jsonl")
+    assert str(info.value) == ("in.jsonl: row 3 (id p), field 'prompt': the chat template does not render content given "
+                               "as a list of text parts (message 0); give the content as a string")

@@ -1,4 +1,5 @@
 import glob
+from pathlib import Path
 import json
 import os
 import shutil
@@ -192,3 +193,191 @@ def test_verify_passes_on_a_good_cache_and_fails_on_altered_log_probs(tmp_path, 
     write_json_atomic(altered / "manifest.json", manifest)
     bad = run_cli("verify", altered, "--model", models["reference"], "--sample", "16", check=False)
     assert bad.returncode == 1 and "above the tolerance" in bad.stderr
+
+
+# ---------------------------------------------------------------------------- inputs as users have them
+
+def test_a_dataset_folder_of_parquet_files_scores_without_conversion(tmp_path, score_config, demo_rows):
+    """A folder as `huggingface-cli download` leaves it; TRL-style rows without a prompt column, as chat."""
+    from ..pipeline.test_formats import hub_folder
+
+    chat = [{"chosen": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["rejected"]}]}
+            for r in demo_rows[:6]]
+    folder = hub_folder(tmp_path / "prefs", chat)
+    summary = run_score_ref(score_config(folder, tmp_path / "cache"))
+    manifest = load_manifest(tmp_path / "cache")
+    assert summary["complete"] and manifest["totals"]["rows"] == 6 and manifest["input"]["files"] == 2
+    assert manifest["input"]["path"] == str(folder) and manifest["slicing"] == {"by": "row id", "rule": "sha1(id) mod num_workers"}
+
+
+# ---------------------------------------------------------------------------- claims that cannot mix or lock
+
+def _race(out, max_length, barrier, results):
+    from selpipe.stages.score_ref import _claim_directory
+
+    header = {"schema_version": 1, "reference": {}, "tokenizer_fingerprint": {}, "input": {"fingerprint": "f"},
+              "settings": {"max_length": max_length}, "backend": {"name": "hf"}}
+    barrier.wait()
+    try:
+        results.put((max_length, "claimed" if _claim_directory(out, header) is None else "joined"))
+    except CacheError as err:
+        results.put((max_length, f"refused: {err}"))
+
+
+def test_two_workers_with_other_settings_never_share_a_claim(tmp_path):
+    """Twenty races of two processes released together: one claims, the other is refused, every time."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    for round_ in range(20):
+        out = tmp_path / f"c{round_}"
+        out.mkdir()
+        barrier, results = context.Barrier(2), context.Queue()
+        workers = [context.Process(target=_race, args=(out, length, barrier, results)) for length in (64, 48)]
+        for worker in workers:
+            worker.start()
+        outcomes = dict(results.get(timeout=30) for _ in workers)
+        for worker in workers:
+            worker.join()
+        assert sorted(o.split(":")[0] for o in outcomes.values()) == ["claimed", "refused"], outcomes
+        winner = next(length for length, outcome in outcomes.items() if outcome == "claimed")
+        assert json.loads((out / "header.json").read_text())["settings"]["max_length"] == winner
+        assert "already holds a cache made with other settings (settings.max_length:" in "".join(outcomes.values())
+        assert [p.name for p in out.iterdir()] == ["header.json"]  # no temporary file left
+
+
+@pytest.mark.parametrize("broken", ["duplicate", "bad_json"])
+def test_a_run_that_fails_before_its_first_shard_withdraws_its_claim(tmp_path, score_config, demo_rows, broken):
+    rows = demo_rows[:6] + [dict(demo_rows[0])] if broken == "duplicate" else demo_rows[:6]
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    if broken == "bad_json":
+        path.write_text(path.read_text() + "{not json\n")
+    with pytest.raises(BadRowError) as info:
+        run_score_ref(score_config(path, tmp_path / "c"))
+    assert "row 7" in str(info.value)
+    assert not (tmp_path / "c").exists()  # this run made the directory and leaves none of it
+    write_jsonl(path, demo_rows[:6])  # the user fixes the input and reruns into the same --output
+    assert run_score_ref(score_config(path, tmp_path / "c"))["complete"]
+    (tmp_path / "d").mkdir()  # a directory the user made stays, empty
+    path.write_text(path.read_text() + "{not json\n")
+    with pytest.raises(BadRowError):
+        run_score_ref(score_config(path, tmp_path / "d"))
+    assert list((tmp_path / "d").iterdir()) == []
+
+
+def test_a_shard_from_another_cache_is_not_resumed(tmp_path, score_config, demo_rows):
+    """Shard 1 of a cache of other rows, copied in with its intact marker, would resume and lose 16 rows."""
+    ours = write_jsonl(tmp_path / "ours.jsonl", demo_rows)
+    theirs = write_jsonl(tmp_path / "theirs.jsonl", demo.generate_pairs(48, seed=4, id_prefix="o"))
+    run_score_ref(score_config(ours, tmp_path / "a"))
+    run_score_ref(score_config(theirs, tmp_path / "b"))
+    for suffix in (".parquet", ".json"):
+        shutil.copy(tmp_path / "b" / f"part-00000-000001{suffix}", tmp_path / "a" / f"part-00000-000001{suffix}")
+    with pytest.raises(CacheError) as info:
+        run_score_ref(score_config(ours, tmp_path / "a"))
+    assert str(info.value).startswith(f"{tmp_path / 'a' / 'part-00000-000001.parquet'}: a completed shard whose rows are "
+                                      f"not slice 1 of this worker's input (16 rows + 0 skipped recorded, the slice has 16; "
+                                      f"16 of its ids are missing, e.g. 't-00016'); it is not this cache's")
+
+
+def test_an_output_the_input_would_read_is_refused(tmp_path, score_config, demo_rows):
+    from ..pipeline.test_formats import hub_folder
+
+    folder = hub_folder(tmp_path / "prefs", demo_rows[:6])
+    with pytest.raises(ConfigError, match=r"--output .*prefs/cache is where --input .*prefs reads, so a rerun would read "
+                                          r"the cache's own files as input; choose an --output outside it"):
+        run_score_ref(score_config(folder, folder / "cache"))
+    write_jsonl(tmp_path / "a.jsonl", demo_rows[:3])
+    with pytest.raises(ConfigError, match="is where --input"):
+        run_score_ref(score_config(tmp_path / "**" / "*.json*", tmp_path / "out"))  # would match out/header.json
+    assert run_score_ref(score_config(tmp_path / "*.jsonl", tmp_path / "out"))["complete"]  # cannot match the cache
+    assert run_score_ref(score_config(tmp_path / "*.jsonl", tmp_path / "out"))["shards_resumed"] == 1
+
+
+def test_disk_full_is_one_line_and_leaves_no_temporary_file(tmp_path, score_config, demo_rows, monkeypatch):
+    import errno
+
+    import selpipe.pipeline.cache as cache
+
+    def full(table, where, **kwargs):
+        Path(where).write_bytes(b"PAR1 half a shard")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache.pq, "write_table", full)
+    rows = write_jsonl(tmp_path / "in.jsonl", demo_rows[:4])
+    with pytest.raises(CacheError) as info:
+        run_score_ref(score_config(rows, tmp_path / "c"))
+    assert str(info.value) == (f"{tmp_path / 'c'}: cannot write a shard (No space left on device): "
+                               f"free some space or choose another location")
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_read_only_output_is_one_line(tmp_path, score_config, demo_rows, monkeypatch):
+    import errno
+
+    import selpipe.stages.score_ref as stage
+
+    def read_only(path, text):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(stage, "create_exclusive", read_only)
+    rows = write_jsonl(tmp_path / "in.jsonl", demo_rows[:4])
+    with pytest.raises(CacheError) as info:
+        run_score_ref(score_config(rows, tmp_path / "c"))
+    assert str(info.value) == (f"{tmp_path / 'c' / 'header.json'}: cannot write the cache header (Read-only file system): "
+                               f"the file system is read-only; choose a writable location")
+
+
+# ---------------------------------------------------------------------------- scale-out
+
+SCHEDULERS = {
+    "slurm-array": lambda i: {"SLURM_ARRAY_TASK_ID": str(i), "SLURM_ARRAY_TASK_COUNT": "2",
+                              "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "1"},
+    "slurm-tasks": lambda i: {"SLURM_PROCID": str(i), "SLURM_NTASKS": "2"},
+    "torchrun": lambda i: {"RANK": str(i), "WORLD_SIZE": "2", "LOCAL_RANK": str(i)},
+}
+
+
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+def test_auto_workers_under_each_scheduler_cover_every_row_once(tmp_path, score_config, demo_rows, monkeypatch, scheduler):
+    rows = write_jsonl(tmp_path / "in.jsonl", demo_rows[:12])
+    for index in (0, 1):
+        with monkeypatch.context() as patch:
+            for name, value in SCHEDULERS[scheduler](index).items():
+                patch.setenv(name, value)
+            summary = run_score_ref(score_config(rows, tmp_path / "c", num_workers="auto", worker_index="auto"))
+        assert (summary["worker"], summary["num_workers"], summary["complete"]) == (index, 2, index == 1)
+        said = json.loads((tmp_path / "c" / f"config-worker-0000{index}.json").read_text())
+        assert said["//"].startswith(f"worker {index} of 2: ") and said["num_workers"] == 2 and said["worker_index"] == index
+    assert sorted(cache_rows(tmp_path / "c")) == sorted(r["id"] for r in demo_rows[:12])
+    if scheduler == "torchrun":
+        assert said["//"] == "worker 1 of 2: torchrun RANK=1 WORLD_SIZE=2; LOCAL_RANK=1: device auto"
+
+
+def test_many_files_are_dealt_whole_to_workers(tmp_path, score_config, demo_rows, monkeypatch):
+    """Three files of 8, 8 and 4 rows for two workers: worker 0 reads a.jsonl (largest first, ties by
+    name), worker 1 reads b.jsonl and c.jsonl; no worker opens another's file."""
+    import selpipe.stages.score_ref as stage
+
+    for name, part in (("a", demo_rows[:8]), ("b", demo_rows[8:16]), ("c", demo_rows[16:20])):
+        write_jsonl(tmp_path / f"{name}.jsonl", part)
+    opened = []
+    original = stage.read_file_records
+    monkeypatch.setattr(stage, "read_file_records", lambda file, scope="": opened.append(file.label) or original(file, scope))
+    for index in (0, 1):
+        opened.clear()
+        run_score_ref(score_config(tmp_path / "*.jsonl", tmp_path / "c", num_workers=2, worker_index=index))
+        assert opened == [["a.jsonl"], ["b.jsonl", "c.jsonl"]][index]
+    manifest = load_manifest(tmp_path / "c")
+    assert manifest["slicing"] == {"by": "file", "files": [["a.jsonl", 0], ["b.jsonl", 1], ["c.jsonl", 1]]}
+    assert sorted(cache_rows(tmp_path / "c")) == sorted(r["id"] for r in demo_rows[:20]) and manifest["totals"]["rows"] == 20
+
+
+def test_an_id_repeated_in_files_dealt_to_different_workers_is_refused(tmp_path, score_config, demo_rows):
+    write_jsonl(tmp_path / "a.jsonl", demo_rows[:3])
+    write_jsonl(tmp_path / "b.jsonl", demo_rows[2:4])
+    run_score_ref(score_config(tmp_path / "*.jsonl", tmp_path / "c", num_workers=2, worker_index=0))
+    with pytest.raises(CacheError, match=r"id 't-00002' is in part-0000\d-000000.parquet and in part-0000\d-000000.parquet: "
+                                         r"two input files repeat it"):
+        run_score_ref(score_config(tmp_path / "*.jsonl", tmp_path / "c", num_workers=2, worker_index=1))
