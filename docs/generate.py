@@ -16,10 +16,12 @@ def render() -> str:
 
 Generated from `pipeline/config.py` by `make docs`; do not edit by hand.
 
-Every setting is a flag (`--max-length 2048`) and a key of a JSON config file passed with
-`--config FILE` (`{{"max_length": 2048}}`); flags override the file, the file overrides the
-defaults. Each run saves the resolved settings next to its output (`config-worker-N.json` in a
-cache, `config.json` in a training run).
+Every setting is a flag (`--max-length 2048`; a list as `--adam-betas 0.9,0.95`) and a key of a
+JSON or YAML config file passed with `--config FILE` (`{{"max_length": 2048}}`, or `max_length:
+2048` in a `.yaml`/`.yml` file); flags override the file, the file overrides the defaults. Every
+command also takes `--json`: stdout then holds only its summary, one JSON object, and everything
+else goes to stderr. Each run saves the resolved settings next to its output
+(`config-worker-N.json` in a cache, `config.json` in a training run).
 
 ## `selpipe score-ref`
 
