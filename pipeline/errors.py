@@ -60,7 +60,9 @@ def storage_error(err: OSError | RuntimeError, action: str) -> StorageError | No
     """
     if isinstance(err, OSError):
         return StorageError(os_error_message(err, action))
-    if "PytorchStreamWriter failed" in str(err) or "file write failed" in str(err):
+    # torch's zip writer (inline_container.cc) fails on a full disk with "file write failed" or
+    # "unexpected pos N vs M" (a short write).
+    if "PytorchStreamWriter" in str(err) or "inline_container" in str(err):
         return StorageError(f"cannot {action}: a checkpoint write failed ({str(err).splitlines()[0][:200]}); "
                             f"check free space and permissions of the output")
     return None

@@ -123,3 +123,33 @@ def test_a_crafted_checkpoint_file_is_refused_on_resume_and_runs_nothing(demo_ca
     resumed = train(demo_cache, policy, run, "--max-steps", "3", "--save-every", "1", "--no-save-model", "--resume")
     assert_refused(resumed, f"{states}: refused to load this checkpoint file")
     assert not planted.exists()
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 64 KiB tmpfs (root only, as CI runs): room for the run's marker and config, not a checkpoint."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+
+    def make(options: str) -> Path:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=64k,{options}", "tmpfs", str(mount)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        return mount
+
+    yield make
+    subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line(demo_cache, policy, small_filesystem):
+    output = small_filesystem("rw") / "run"
+    result = train(demo_cache, policy, output, "--max-steps", "1", "--report-to", "none")
+    assert_refused(result, "cannot write the run directory")
+    assert not list(output.rglob("*.tmp")), "a half-written temporary file was left behind"
+
+
+def test_a_read_only_output_is_one_line(demo_cache, policy, small_filesystem):
+    output = small_filesystem("ro") / "run"
+    assert_refused(train(demo_cache, policy, output, "--max-steps", "1"), f"{output}", "read-only")
