@@ -70,11 +70,12 @@ def place_worker(num_workers: int | str, worker_index: int | str, env: Mapping[s
         described = f"Slurm array SLURM_ARRAY_TASK_ID={task} SLURM_ARRAY_TASK_COUNT={tasks}"
         array_count = 1
         if num_workers == "auto":
-            if known_count is not None and known_count % count == 0:
+            whole = tasks is not None and low == 0 and high in (None, tasks - 1)
+            if known_count is not None and known_count % count == 0 and not (whole and tasks * count == known_count):
                 # A rerun of some tasks (--array=3,5) into the cache the whole array started: its header knows the count.
                 array_count = known_count // count
                 described += f" (the cache's {known_count} workers)"
-            elif tasks is not None and low == 0 and high in (None, tasks - 1):
+            elif whole:
                 array_count = tasks
             else:
                 raise ConfigError(f"--num-workers auto: the Slurm array runs tasks {low}-{high} ({tasks} tasks), not 0-N-1; "
