@@ -48,6 +48,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.append(str(HERE.parent))  # bench/ (this folder is already first: the script's own)
 
+import numpy as np  # noqa: E402
 from fixtures import PROFILES, Profile, eos_id, stage_one_pairs  # noqa: E402
 
 BETA = 0.1           # stage two's runs (a quick visible fall of the loss)
@@ -106,7 +107,7 @@ class Proof:
         self.gpu = device == "cuda"
         for folder in (out, self.work / "logs", self.work / "runs", self.work / "caches"):
             folder.mkdir(parents=True, exist_ok=True)
-        self.env = environment(work)
+        self.env = environment(self.work)
         self.results: dict[str, dict] = {}
         self._fixtures: dict | None = None
 
@@ -217,8 +218,6 @@ class Proof:
         p = self.profile
         low, high = self.stage_one_cache(p.low_dtype), self.stage_one_cache("float32")
         rows_low, rows_high = read_cache(low), read_cache(high)
-        import numpy as np
-
         diffs = np.concatenate([
             np.abs(np.asarray(rows_low[i][f"{side}_ref_logps"], np.float64) - np.asarray(rows_high[i][f"{side}_ref_logps"], np.float64))
             for i in sorted(rows_low) for side in ("chosen", "rejected")])
@@ -233,7 +232,7 @@ class Proof:
             """verify's JSON report and exit code (1: above the tolerance); a command that gave no
             report is recorded with its error, and the numbers above still stand."""
             result = self.selpipe("verify", cache, "--model", self.model("scorer"), "--device", self.device,
-                                  "--sample", VERIFY_SAMPLE, *options, name=name, check=False)
+                                  "--sample", VERIFY_SAMPLE, "--json", *options, name=name, check=False)
             if result.returncode not in (0, 1):
                 return {"exit_code": result.returncode, "error": self.tail(name, lines=5)}
             return {"exit_code": result.returncode, "report": json.loads(result.stdout)}
@@ -252,9 +251,11 @@ class Proof:
 
     def stage_one_speed(self) -> dict:
         output = self.work / "stage-one-speed.json"
-        self.run([sys.executable, HERE / "scoring_speed.py", "--fixtures", self.work / "fixtures.json",
-                  "--device", self.device, "--dtype", self.profile.low_dtype, "--output", output], "scoring-speed")
-        return json.loads(output.read_text())
+        scorer = self.fixtures["models"]["scorer"]
+        self.run([sys.executable, HERE / "scoring_speed.py", "--profile", self.profile_name, "--model", scorer["path"],
+                  "--parameters", scorer["parameters"], "--device", self.device, "--dtype", self.profile.low_dtype,
+                  "--output", output], "scoring-speed")
+        return {**json.loads(output.read_text()), "model_shape": scorer["shape"]}
 
     def stage_two_parity(self) -> dict:
         p = self.profile

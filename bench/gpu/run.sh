@@ -16,12 +16,12 @@ if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
 fi
 
-if ! "$PYTHON" -c "import deepspeed, datasets, trl, zstandard, selpipe.cli.app" 2>/dev/null; then
+if ! missing=$("$PYTHON" -c "import deepspeed, datasets, trl, zstandard, selpipe.cli.app" 2>&1); then
     shopt -s nullglob
     wheels=("$HERE"/wheels/*.whl)
     if [[ ${#wheels[@]} -eq 0 ]]; then
-        echo "run.sh: deepspeed, datasets, trl, zstandard or selpipe is missing and bench/gpu/wheels/ is empty;" \
-             "run bench/gpu/prepare_wheels.sh where pip reaches PyPI and carry bench/gpu/wheels" >&2
+        echo "run.sh: $PYTHON cannot import what the proof needs ($(tail -n 1 <<<"$missing")) and bench/gpu/wheels/" \
+             "is empty: run bench/gpu/prepare_wheels.sh where pip reaches PyPI and carry bench/gpu/wheels" >&2
         exit 2
     fi
     SITE=${PROOF_SITE:-/tmp/selpipe-proof-site}

@@ -1,12 +1,12 @@
 """Stage one's speed: selpipe's hf backend vs the naive loop on the same model and requests.
 
-    python bench/gpu/scoring_speed.py --fixtures WORK/fixtures.json --device cuda --dtype bfloat16 --output OUT.json
+    python bench/gpu/scoring_speed.py --profile full --model SCORER --parameters N --device cuda --dtype bfloat16 --output OUT.json
 
 The requests are the stage-one speed pairs of the proof's profile (each pair's chosen and
 rejected sequence, EOS appended, exactly what `score-ref` scores). Rows:
 
-- `hf`: `selpipe.stages.backends.HFScorer` with score-ref's defaults (token budget 16,384);
-- `hf budget 65536`: the same with four times the token budget (bigger batches);
+- `hf`: `selpipe.stages.backends.HFScorer` with score-ref's default token budget (16,384);
+- `hf budget 65536`: the same with four times that budget (bigger batches);
 - `naive`: bench/scoring.py's naive loop (one sequence per forward, log-softmax over the full
   logits), its model moved to the same device and dtype.
 
@@ -48,7 +48,9 @@ def naive_on(model: str, device: str, dtype: str) -> NaiveScorer:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fixtures", type=Path, required=True)
+    parser.add_argument("--profile", choices=sorted(PROFILES), required=True)
+    parser.add_argument("--model", required=True, help="the scorer built by fixtures.py")
+    parser.add_argument("--parameters", type=int, required=True, help="its parameter count (for the MFU)")
     parser.add_argument("--device", required=True)
     parser.add_argument("--dtype", required=True)
     parser.add_argument("--output", type=Path, required=True)
@@ -56,20 +58,19 @@ def main() -> None:
 
     import torch
 
+    from selpipe.pipeline.config import ScoreConfig
     from selpipe.stages.backends import HFScorer
 
-    fixtures = json.loads(args.fixtures.read_text())
-    profile = PROFILES[fixtures["profile"]]
-    scorer = fixtures["models"]["scorer"]
+    profile = PROFILES[args.profile]
     requests = [r for pair in stage_one_speed_pairs(profile) for r in pair.requests(profile.vocab)]
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None
     peak = peak_flops(device_name)
-    default_budget = 16384
+    default_budget = ScoreConfig.token_budget  # what score-ref uses unless told otherwise
     backends = {
-        "hf": lambda: HFScorer(scorer["path"], dtype=args.dtype, device=args.device, token_budget=default_budget),
-        f"hf budget {4 * default_budget}": lambda: HFScorer(scorer["path"], dtype=args.dtype, device=args.device,
+        "hf": lambda: HFScorer(args.model, dtype=args.dtype, device=args.device, token_budget=default_budget),
+        f"hf budget {4 * default_budget}": lambda: HFScorer(args.model, dtype=args.dtype, device=args.device,
                                                             token_budget=4 * default_budget),
-        "naive": lambda: naive_on(scorer["path"], args.device, args.dtype),
+        "naive": lambda: naive_on(args.model, args.device, args.dtype),
     }
     rows, outputs = [], {}
     for name, make in backends.items():
@@ -79,7 +80,7 @@ def main() -> None:
                 measured, outputs[name] = time_scorer(make, requests)
         else:
             measured, outputs[name] = time_scorer(make, requests)
-        flops = 2 * scorer["parameters"] * measured["tokens"]
+        flops = 2 * args.parameters * measured["tokens"]
         rows.append({"backend": name, **measured, "mfu": flops / measured["score_s"] / peak if peak else None})
         print(json.dumps(rows[-1]), flush=True)
         gc.collect()
@@ -89,8 +90,8 @@ def main() -> None:
         row["max_abs_diff_vs_hf"] = max_difference(outputs["hf"], outputs[row["backend"]])
     naive = next(r for r in rows if r["backend"] == "naive")
     result = {
-        "device": device_name or "cpu", "dtype": args.dtype, "model_parameters": scorer["parameters"],
-        "model_shape": scorer["shape"], "vocab": profile.vocab, "sequences": len(requests),
+        "device": device_name or "cpu", "dtype": args.dtype, "model_parameters": args.parameters,
+        "vocab": profile.vocab, "sequences": len(requests),
         "mean_tokens_per_sequence": rows[0]["tokens"] / len(requests), "peak_flops": peak,
         "mfu_definition": "2 x parameters x tokens / seconds / peak_flops (dense bf16 tensor-core peak)",
         "rows": rows, "hf_over_naive": rows[0]["tokens_per_s"] / naive["tokens_per_s"], "hf_mfu": rows[0]["mfu"],
