@@ -174,8 +174,9 @@ def load_tokenizer(model: str, revision: str | None = None) -> Any:
 
     try:
         return AutoTokenizer.from_pretrained(model, revision=revision)
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        # A missing directory, a damaged tokenizer.json or config: all the user's to fix.
+    except Exception as err:  # noqa: BLE001
+        # A missing directory, a damaged tokenizer.json or config (the tokenizers library raises
+        # plain Exceptions for some): all the user's to fix.
         first = (str(err).splitlines() or [type(err).__name__])[0]
         raise ConfigError(f"cannot load a tokenizer from {model!r}: give a local model directory with a readable "
                           f"tokenizer (no downloads here) ({first[:300]})") from None

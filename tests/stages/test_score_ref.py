@@ -381,3 +381,57 @@ def test_an_id_repeated_in_files_dealt_to_different_workers_is_refused(tmp_path,
     with pytest.raises(CacheError, match=r"id 't-00002' is in part-0000\d-000000.parquet and in part-0000\d-000000.parquet: "
                                          r"two input files repeat it"):
         run_score_ref(score_config(tmp_path / "*.jsonl", tmp_path / "c", num_workers=2, worker_index=1))
+
+
+def test_unloadable_models_and_unusable_outputs_are_one_line_exit_2(tmp_path, models, demo_rows):
+    rows = write_jsonl(tmp_path / "in.jsonl", demo_rows[:4])
+    broken = tmp_path / "broken"
+    shutil.copytree(models["reference"], broken)
+    (broken / "model.safetensors").write_bytes(b"\0" * 64)  # the config loads; the weights do not
+    (tmp_path / "a-file").write_text("")
+    cases = {
+        (broken, tmp_path / "c"): f"error: cannot load the reference model from '{broken}' (SafetensorError: ",
+        (models["reference"], tmp_path / "a-file"): f"error: {tmp_path / 'a-file'}: --output is a file; give a directory",
+        (models["reference"], tmp_path / "a-file" / "c"): f"error: {tmp_path / 'a-file' / 'c'}: cannot create the cache "
+                                                          f"directory (Not a directory): a parent of it is a file",
+    }
+    for (model, output), expected in cases.items():
+        result = run_cli(
+            "score-ref", "--input", rows, "--output", output, "--model", model, "--max-length", "64",
+            "--max-prompt-length", "32", "--no-progress", check=False)
+        assert result.returncode == 2 and result.stderr.startswith(expected), result.stderr[-2000:]
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "c").exists()  # the failed load withdrew the claim and the directory it made
+
+
+def test_pages_and_summaries_name_paths_as_the_user_gave_them(tmp_path, models, demo_rows):
+    """Run from a working directory with relative paths: nothing printed or written names the machine's absolute path."""
+    write_jsonl(tmp_path / "in.jsonl", demo_rows[:4])
+    shutil.copytree(models["reference"], tmp_path / "ref")
+    run = lambda *args: subprocess.run([str(BIN / "selpipe"), *args], capture_output=True, text=True, cwd=tmp_path,
+                                       timeout=300, check=True)
+    scored = run("score-ref", "--input", "in.jsonl", "--output", "cache", "--model", "ref", "--max-length", "64",
+                 "--max-prompt-length", "32", "--no-progress")
+    inspected = run("inspect", "cache", "--html", "page.html")
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert (manifest["input"]["path"], manifest["reference"]["model"]) == ("in.jsonl", "ref")
+    assert "cache        cache (schema v1)" in inspected.stdout and "wrote page.html" in inspected.stdout
+    page = (tmp_path / "page.html").read_text()
+    assert "Token selection: cache</h1>" in page and "reference ref;" in page
+    for text in (scored.stdout, inspected.stdout, page, (tmp_path / "cache" / "manifest.json").read_text()):
+        assert str(tmp_path) not in text
+
+
+def test_a_hub_dataset_name_scores_offline_from_the_hub_cache(tmp_path, models, demo_rows):
+    """As a user would: `huggingface-cli download --repo-type dataset org/prefs` once, then score it by name."""
+    from ..pipeline.test_formats import hub_folder
+
+    repo = tmp_path / "hf" / "hub" / "datasets--org--prefs"
+    hub_folder(repo / "snapshots" / "abc123", demo_rows[:6])
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    result = score("org/prefs", tmp_path / "c", models["reference"], "--input-config", "tool_use", "--json",
+                   env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"})
+    assert json.loads(result.stdout)["rows"] == 2
+    assert load_manifest(tmp_path / "c")["input"] == {**load_manifest(tmp_path / "c")["input"], "path": "org/prefs",
+                                                       "kind": "hub dataset (downloaded files)", "files": 1}
