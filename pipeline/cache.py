@@ -382,8 +382,8 @@ def check_values(directory: str | Path, manifest: dict[str, Any], vocab_size: in
             raise CacheError(f"{path}: holds {parquet.metadata.num_rows} rows, the manifest says {shard['rows']}; rescore")
         anchor_file = pq.ParquetFile(anchor_dir / shard["file"]) if anchor is not None else None
         if anchor_file is not None and anchor_file.metadata.num_row_groups != parquet.metadata.num_row_groups:
-            raise CacheError(f"{anchor_dir / shard['file']}: cut into other row groups than {path}; score the anchor "
-                             f"with the same --row-group-size")
+            raise CacheError(f"{anchor_dir / shard['file']}: the anchor cache's shards or row groups differ from {path}'s "
+                             f"(other row groups); score the anchor with the same --row-group-size")
         for group in range(parquet.metadata.num_row_groups):
             table = parquet.read_row_group(group)
             if table.schema.remove_metadata() != SCHEMA.remove_metadata():
