@@ -8,10 +8,12 @@ Where a DeepSpeed checkpoint keeps the weights depends on the ZeRO stage (measur
     ZeRO 1, 2  whole there too, and as fp32 master partitions in each rank's *_optim_states.pt
     ZeRO 3     only as partitions: the module file holds empty placeholders
 
-So ZeRO 0 reads 'module', and ZeRO 1 to 3 read the fp32 master weights through zero_to_fp32 (on
-ZeRO 1 and 2 in fp32 both give the same tensors). The names are the training wrapper's
-(`policy.` + the causal LM's name, see engine.PolicyLogprobs). The weights go into the policy the
-run started from, loaded as it is stored, so the export has its config, dtype and tokenizer.
+So ZeRO 0 reads 'module' (under bf16 the weights the run computed with, as its final save writes
+them; bf16's ZeRO-0 optimizer file has no stage for zero_to_fp32 either), and ZeRO 1 to 3 read the
+fp32 master weights through zero_to_fp32 (on ZeRO 1 and 2 in fp32 both give the same tensors).
+The names are the training wrapper's (`policy.` + the causal LM's name, see engine.PolicyLogprobs).
+The weights are loaded strictly into the policy the run started from, loaded as it is stored, so
+the export has its config, dtype and tokenizer.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def export_checkpoint(cfg: ExportConfig) -> dict[str, Any]:
         kind = "merged" if cfg.merge else "adapter"
         _save(model.merge_and_unload() if cfg.merge else model, tokenizer, Path(cfg.output))
     else:
-        _load_weights(base, state, directory, train.policy)
+        _load_exactly(base, state, set(base.state_dict()), directory, train.policy)
         kind = "model"
         _save(base, tokenizer, Path(cfg.output))
     summary: dict[str, Any] = {"run": str(run), "step": step, "output": cfg.output, "kind": kind,
@@ -85,7 +87,8 @@ def _run_config(run: Path) -> dict[str, Any]:
     except FileNotFoundError:
         saved = None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CacheError(f"{run / 'config.json'} cannot be read ({err}); it is the run's record of its settings") from None
+        raise CacheError(f"{run / 'config.json'} cannot be read ({err}); it is the run's record of its "
+                         f"settings") from None
     if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict) \
             or not isinstance(saved.get("deepspeed"), dict):
         raise ConfigError(f"RUN {run} is not a selpipe training run (no config.json written by `selpipe train`); give "
@@ -186,8 +189,8 @@ def checkpoint_state(directory: Path, zero_stage: int, adapter_only: bool) -> di
                 raise CacheError(f"{directory}: DeepSpeed cannot join this ZeRO-{zero_stage} checkpoint's partitions "
                                  f"({str(err).splitlines()[0][:200]}); export another --step") from None
     if not isinstance(raw, dict) or not raw or not all(isinstance(k, str) and k.startswith(PREFIX) for k in raw):
-        raise CacheError(f"{directory}: holds no selpipe policy weights (names starting {PREFIX!r}); export a checkpoint "
-                         f"that `selpipe train` wrote")
+        raise CacheError(f"{directory}: holds no selpipe policy weights (names starting {PREFIX!r}); export a "
+                         f"checkpoint that `selpipe train` wrote")
     state = {k.removeprefix(PREFIX): v for k, v in raw.items()}
     return {k: v for k, v in state.items() if "lora_" in k} if adapter_only else state
 
@@ -204,24 +207,25 @@ def _load_base(policy: str) -> Any:
                           f"trained") from None
 
 
-def _mismatch(directory: Path, policy: str, missing: list[str], unexpected: list[str]) -> CacheError:
-    def names(keys: list[str]) -> str:
-        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+def _load_exactly(module: Any, state: dict[str, Any], expected: set[str], directory: Path, policy: str) -> None:
+    """Load `state` into `module`; its names must be exactly `expected` and every shape must fit
+    (strict loading, refused in one line: the run trained another model than `policy`)."""
+    def names(keys: set[str]) -> str:
+        listed = sorted(keys)
+        return ", ".join(listed[:3]) + (f" and {len(listed) - 3} more" if len(listed) > 3 else "")
 
-    parts = ([f"missing {names(missing)}"] if missing else []) + ([f"unexpected {names(unexpected)}"] if unexpected else [])
-    return CacheError(f"{directory}: its weights do not fit the policy {policy} ({'; '.join(parts)}); pass as --policy "
-                      f"the model this run trained")
-
-
-def _load_weights(model: Any, state: dict[str, Any], directory: Path, policy: str) -> None:
-    """Every weight of the model from `state`, and nothing else in it (strict, one line if not)."""
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # a shape that differs
-        raise CacheError(f"{directory}: its weights do not fit the policy {policy} "
-                         f"({str(err).splitlines()[-1].strip()[:200]}); pass as --policy the model this run trained") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise _mismatch(directory, policy, result.missing_keys, result.unexpected_keys)
+    missing, unexpected = expected - state.keys(), state.keys() - expected
+    reason = "; ".join(([f"missing {names(missing)}"] if missing else []) +
+                       ([f"unexpected {names(unexpected)}"] if unexpected else []))
+    if not reason:
+        try:
+            module.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shapes that differ: torch lists one per line below its heading
+            details = [line.strip() for line in str(err).splitlines()[1:] if line.strip()] or [str(err)]
+            reason = details[0][:200] + (f" and {len(details) - 1} more" if len(details) > 1 else "")
+    if reason:
+        raise CacheError(f"{directory}: its weights do not fit the policy {policy} ({reason}); pass as --policy the "
+                         f"model this run trained")
 
 
 def _with_adapter(train: TrainConfig, base: Any, adapter: dict[str, Any], directory: Path) -> Any:
@@ -232,15 +236,7 @@ def _with_adapter(train: TrainConfig, base: Any, adapter: dict[str, Any], direct
     peft_model = add_adapter(dataclasses.replace(train, load_in_4bit=False, gradient_checkpointing=False), base)
     # PEFT names the causal LM `base_model.model` (as engine.save_pretrained maps them).
     named = {f"base_model.model.{k}": v for k, v in adapter.items()}
-    expected = {k for k in peft_model.state_dict() if "lora_" in k}
-    missing, unexpected = sorted(expected - named.keys()), sorted(named.keys() - expected)
-    if missing or unexpected:
-        raise _mismatch(directory, train.policy, missing, unexpected)
-    try:
-        peft_model.load_state_dict(named, strict=False)
-    except RuntimeError as err:
-        raise CacheError(f"{directory}: its adapter does not fit the policy {train.policy} "
-                         f"({str(err).splitlines()[-1].strip()[:200]}); pass as --policy the model this run trained") from None
+    _load_exactly(peft_model, named, {k for k in peft_model.state_dict() if "lora_" in k}, directory, train.policy)
     return peft_model
 
 

@@ -17,7 +17,7 @@ from selpipe.pipeline.config import ExportConfig
 from selpipe.pipeline.errors import CacheError, ConfigError
 from selpipe.stages.train.export import best_step, export_checkpoint
 
-from ...conftest import BIN, REPO, run_cli
+from ...conftest import BIN, REPO, demo, run_cli
 
 SETTINGS = ("--max-steps", "2", "--save-every", "1", "--global-batch-size", "8", "--micro-batch-size", "4",
             "--learning-rate", "1e-3", "--beta", "0.1")
@@ -140,7 +140,7 @@ def test_best_step_golden(tmp_path):
     assert best_step(metrics, "eval/loss", [3, 4], greater_is_better=True) == (4, 0.66)      # nor when highest wins
 
 
-def test_refusals_are_one_line_and_write_nothing(zero3_run, models, tmp_path):
+def test_refusals_are_one_line_and_write_nothing(zero3_run, models, tokenizer, tmp_path):
     new = tmp_path / "new"
     # A model directory has a config.json too, but not a run's.
     assert_refused(export(models["policy"], "--output", new, check=False),
@@ -165,6 +165,12 @@ def test_refusals_are_one_line_and_write_nothing(zero3_run, models, tmp_path):
     (moved / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match=f"the run's policy {tmp_path / 'gone'} is not a directory here"):
         export_here(moved, new)
+    # A --policy that is not the model the run trained: loading is strict, names and shapes.
+    for name, shape, reason in (("one-layer", {"layers": 1}, "unexpected model.layers.1."),
+                                ("narrower", {"hidden_size": 64}, "size mismatch for model.embed_tokens.weight")):
+        demo.build_model(tmp_path / name, tokenizer, **shape)
+        with pytest.raises(CacheError, match=rf"its weights do not fit the policy {tmp_path / name} \({reason}"):
+            export_here(zero3_run, new, policy=str(tmp_path / name))
     export_here(moved, new, policy=str(models["policy"]))  # --policy: where it is now
     assert not any(p.name.startswith(".new") for p in tmp_path.iterdir())
 
