@@ -181,7 +181,7 @@ def print_table(rows: list[dict[str, Any]], columns: list[str], title: str) -> N
         return "-" if value is None else str(value)
 
     cells = [[fmt(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
     print(f"\n{title}")
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for row in cells:

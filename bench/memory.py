@@ -3,7 +3,7 @@
     .venv/bin/python bench/memory.py [--reduced]
 
 What is measured, per (method, vocabulary, sequence length), each in a fresh process: one pair
-(chosen and rejected rows of `seq_len` tokens, the first quarter prompt) through a narrow
+(chosen and rejected rows of `seq_len` tokens, the first quarter the prompt they share) through a narrow
 Qwen2-style model where the output head dominates, the per-token log-probs of the completion
 tokens, their sum, and `backward()`. That is the part of a DPO step whose memory grows with
 vocabulary x tokens; the loss on top of it is a few scalars per sequence. Methods:
@@ -11,6 +11,11 @@ vocabulary x tokens; the loss on top of it is a few scalars per sequence. Method
 - `selpipe`: `selpipe.pipeline.logprobs.completion_logprobs` (completion positions only,
   chunks of fp32 log-softmax under activation checkpointing), with `selpipe train`'s default
   `--logprob-chunk` (256); `selpipe_chunk1024` is the same with `--logprob-chunk 1024`.
+- `selpipe_selective_head`: `selective_completion_logprobs` with 40% of the completion tokens
+  selected (the lowest log-probs, standing in for top-k by alignment score) and a loss over
+  those only, as Selective-DPO's is: the head's backward runs on the selected rows alone.
+- `selpipe_prefix_sharing`: `shared_prompt_logprobs`: the pair packed as one row
+  [prompt, chosen, rejected] with a block-causal mask, the prompt computed once.
 - `trl`: TRL 1.16's own path, `add_fused_lm_head` + `model(..., labels, fused_lm_head=True)`
   `.log_probs`, exactly the policy forward `DPOTrainer._compute_loss` makes.
 - `full_logits`: `log_softmax(model(...).logits.float())` gathered at the labels, the
@@ -41,7 +46,7 @@ SETTINGS = {
     "full": {"vocabs": [32000, 151936], "seq_lens": [512, 1024, 2048, 4096]},
 }
 MODEL = {"hidden": 128, "layers": 1, "heads": 2, "kv_heads": 1, "intermediate": 256}
-METHODS = ("selpipe", "selpipe_chunk1024", "trl", "full_logits")
+METHODS = ("selpipe", "selpipe_chunk1024", "selpipe_selective_head", "selpipe_prefix_sharing", "trl", "full_logits")
 SELPIPE_CHUNKS = {"selpipe": TrainConfig.logprob_chunk, "selpipe_chunk1024": 1024}
 
 
@@ -56,6 +61,7 @@ def build(vocab: int, seq_len: int):
                          tie_word_embeddings=False, use_cache=False)
     model = Qwen2ForCausalLM(config)
     input_ids = torch.randint(0, vocab, (2, seq_len))
+    input_ids[1, :seq_len // 4] = input_ids[0, :seq_len // 4]  # one pair: both rows start with its prompt
     attention_mask = torch.ones_like(input_ids)
     target_mask = torch.zeros_like(input_ids, dtype=torch.bool)
     target_mask[:, seq_len // 4:] = True
@@ -71,6 +77,28 @@ def step_function(method: str, model, input_ids, attention_mask, target_mask):
 
         def step():
             completion_logprobs(model, input_ids, attention_mask, target_mask, SELPIPE_CHUNKS[method]).sum().backward()
+    elif method == "selpipe_selective_head":
+        from selpipe.pipeline.logprobs import selective_completion_logprobs
+
+        selected = {}
+
+        def lowest_40_percent(values):
+            selected["mask"] = values <= torch.quantile(values, 0.4)
+            return selected["mask"]
+
+        def step():
+            flat = selective_completion_logprobs(model, input_ids, attention_mask, target_mask, lowest_40_percent,
+                                                 TrainConfig.logprob_chunk)
+            (flat * selected["mask"]).sum().backward()
+    elif method == "selpipe_prefix_sharing":
+        from selpipe.pipeline.prefix import pack_shared_prompts, shared_prompt_logprobs
+
+        prompt = input_ids.shape[1] // 4
+        ids = input_ids.tolist()
+        packed = pack_shared_prompts([ids[0][:prompt]], [[ids[0][prompt:], ids[1][prompt:]]]).to(input_ids.device)
+
+        def step():
+            shared_prompt_logprobs(model, packed, TrainConfig.logprob_chunk).sum().backward()
     elif method == "trl":
         from trl.trainer.utils import add_fused_lm_head
 
@@ -166,6 +194,8 @@ def main() -> None:
                 "ratio_selpipe_chunk1024_over_trl":
                     measured["selpipe_chunk1024"]["step_peak_mib"] / measured["trl"]["step_peak_mib"],
                 "ratio_selpipe_over_full_logits": measured["selpipe"]["step_peak_mib"] / full["step_peak_mib"] if full else None,
+                **{f"time_{lever}_over_selpipe": measured[f"selpipe_{lever}"]["step_seconds"] / measured["selpipe"]["step_seconds"]
+                   for lever in ("selective_head", "prefix_sharing")},
                 "device": measured["selpipe"]["device"],
             })
     settings = {"setting": setting, **s, "model": MODEL, "pairs": 1, "prompt_fraction": 0.25,
@@ -178,6 +208,10 @@ def main() -> None:
                        "full_logits_step_peak_mib", "ratio_selpipe_over_trl", "ratio_selpipe_chunk1024_over_trl",
                        "ratio_selpipe_over_full_logits", "selpipe_step_s", "trl_step_s", "full_logits_step_s"],
                 "peak memory added by one log-prob forward + backward (MiB), and its time (s)")
+    print_table(rows, ["vocab", "seq_len", "selpipe_step_s", "selpipe_selective_head_step_s", "selpipe_prefix_sharing_step_s",
+                       "time_selective_head_over_selpipe", "time_prefix_sharing_over_selpipe",
+                       "selpipe_selective_head_step_peak_mib", "selpipe_prefix_sharing_step_peak_mib"],
+                "levers of issue 11 on the same step: time (s), time relative to selpipe, peak memory (MiB)")
     print(f"\nrows written to {path}")
 
 
