@@ -33,8 +33,8 @@ from tqdm import tqdm
 from selpipe.pipeline import __version__
 from selpipe.pipeline.atomic import create_exclusive
 from selpipe.pipeline.cache import (
-    SCHEMA_VERSION, CacheError, ScoredPair, ShardRecord, SkippedRow, completed_shard, load_manifest, shard_records,
-    summarize, write_json_atomic, write_manifest, write_shard,
+    SCHEMA_VERSION, CacheError, ScoredPair, ShardRecord, SkippedRow, completed_shard, load_manifest, shard_name,
+    shard_records, summarize, write_json_atomic, write_manifest, write_shard,
 )
 from selpipe.pipeline.config import ConfigError, ScoreConfig, to_dict
 from selpipe.pipeline.errors import SelpipeError, os_error_message
@@ -454,7 +454,7 @@ def _score(cfg: ScoreConfig, out: Path, source: InputSource, header: dict[str, A
             if scorer is None:
                 scorer = _load_scorer(cfg, factory)
             scored = _score_pairs(scorer, pairs) if pairs else []
-            with _os_errors("write a shard", out):
+            with _os_errors("write the shard", out / shard_name(cfg.worker_index, index)):
                 write_shard(out, cfg.worker_index, index, scored, skipped, sum(p.truncated for p in pairs), cfg.row_group_size)
             scored_rows += len(scored)
             scored_tokens += sum(len(p.chosen_sequence) + len(p.rejected_sequence) for p in pairs)

@@ -308,7 +308,7 @@ def test_disk_full_is_one_line_and_leaves_no_temporary_file(tmp_path, score_conf
     rows = write_jsonl(tmp_path / "in.jsonl", demo_rows[:4])
     with pytest.raises(CacheError) as info:
         run_score_ref(score_config(rows, tmp_path / "c"))
-    assert str(info.value) == (f"{tmp_path / 'c'}: cannot write a shard (No space left on device): "
+    assert str(info.value) == (f"{tmp_path / 'c' / 'part-00000-000000.parquet'}: cannot write the shard (No space left on device): "
                                f"free some space or choose another location")
     assert not (tmp_path / "c").exists()
 
