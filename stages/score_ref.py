@@ -341,7 +341,8 @@ def _place(cfg: ScoreConfig, out: Path) -> tuple[ScoreConfig, str]:
         try:
             known = json.loads((out / HEADER).read_text())["settings"]["num_workers"]
         except (ValueError, KeyError, TypeError):
-            known = None  # the claim's comparison names what is wrong with it
+            pass  # the claim's comparison names what is wrong with the header
+    known = known if isinstance(known, int) and not isinstance(known, bool) else None
     placement = place_worker(cfg.num_workers, cfg.worker_index, os.environ, known)
     cfg = dataclasses.replace(cfg, num_workers=placement.num_workers, worker_index=placement.worker_index)
     origin = placement.origin

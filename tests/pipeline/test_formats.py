@@ -346,3 +346,16 @@ def test_tools_tool_calls_and_text_parts_are_kept(tmp_path):
 def test_bad_chat_rows_say_what_is_wrong(tmp_path, row, field, reason, message):
     error = first_error([row], tmp_path)
     assert error.reason == reason and f"bad.jsonl: row 1" in str(error) and f"field '{field}': {message}" in str(error)
+
+
+@pytest.mark.parametrize("pattern, path, matches", [
+    ("data/*.jsonl", "data/cache/part-00000-000000.parquet", False),
+    ("data/*.jsonl", "data/a.jsonl", True),
+    ("data/**/*.json", "data/cache/header.json", True),   # ** spans the cache's directory
+    ("data/*/*.parquet", "data/cache/part-00000-000000.parquet", True),
+    ("data/*", "data/.hidden", False),                   # glob skips dot-files unless asked
+])
+def test_glob_matching_is_globs_own(pattern, path, matches):
+    from selpipe.pipeline.formats import _glob_matches
+
+    assert _glob_matches(tuple(pattern.split("/")), tuple(path.split("/"))) is matches
