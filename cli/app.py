@@ -101,9 +101,10 @@ app.command("verify", help="Recompute a random sample of the cache with transfor
 
 
 @app.command("settings")
-def settings_command(stage: str = typer.Argument(..., help="score-ref, train, inspect or verify")) -> None:
+def settings_command(stage: str = typer.Argument(..., help="score-ref, train, inspect, verify or export")) -> None:
     """Print a stage's settings as a Markdown table (the source of docs/configuration.md)."""
-    classes = {"score-ref": ScoreConfig, "train": TrainConfig, "inspect": InspectConfig, "verify": VerifyConfig}
+    classes = {"score-ref": ScoreConfig, "train": TrainConfig, "inspect": InspectConfig, "verify": VerifyConfig,
+               "export": ExportConfig}
     if stage not in classes:
         raise ConfigError(f"unknown command {stage!r}; choose one of {', '.join(classes)}")
     typer.echo(settings_table(classes[stage]))

@@ -129,7 +129,7 @@ def load_policy(cfg: TrainConfig, ds_config: dict[str, Any]) -> tuple[Any, Any, 
     keep_alive = HfDeepSpeedConfig(ds_config) if zero3 else None
     extra: dict[str, Any] = {}
     if cfg.load_in_4bit:
-        extra["quantization_config"] = _four_bit_config(zero3)
+        extra["quantization_config"] = four_bit_config(zero3)
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.policy, dtype=compute_dtype(ds_config), **extra)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
@@ -147,7 +147,7 @@ def load_policy(cfg: TrainConfig, ds_config: dict[str, Any]) -> tuple[Any, Any, 
     return model, peft_model, keep_alive
 
 
-def _four_bit_config(zero3: bool) -> Any:
+def four_bit_config(zero3: bool) -> Any:
     """QLoRA's NF4 base, where bitsandbytes can run it (CUDA); a one-line refusal elsewhere."""
     if not torch.cuda.is_available():
         raise ConfigError("--load-in-4bit needs a CUDA GPU (bitsandbytes' 4-bit kernels); train without it here, or "

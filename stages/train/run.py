@@ -17,7 +17,8 @@ from selpipe.pipeline.stream import CacheStream
 from selpipe.pipeline.tokenization import load_tokenizer, pad_id, tokenizer_fingerprint
 
 from .engine import (
-    Comm, TrainEngine, abandon, build_engine, deepspeed_config, gathered_state, load_policy, save_pretrained, teardown,
+    Comm, TrainEngine, abandon, build_engine, deepspeed_config, four_bit_config, gathered_state, load_policy,
+    save_pretrained, teardown,
 )
 from .export import merge_adapter
 from .evaluate import Evaluator
@@ -58,6 +59,9 @@ class Setup:
 def setup(cfg: TrainConfig, comm: Comm) -> Setup:
     """Everything that can refuse the run, before anything is written."""
     check_output(cfg)
+    ds_config = deepspeed_config(cfg, comm.world_size)
+    if cfg.load_in_4bit:
+        four_bit_config(zero3=ds_config["zero_optimization"].get("stage") == 3)  # refuses where it cannot run
     run = RunDirectory(cfg.output, comm.rank)
     if not cfg.resume and run.latest_checkpoint() is not None:
         raise ConfigError(f"--output {cfg.output} already holds a run; pass --resume to continue it or choose a new --output")
@@ -66,7 +70,6 @@ def setup(cfg: TrainConfig, comm: Comm) -> Setup:
     started = time.perf_counter()
     caches = open_training_caches(cfg.cache, cfg.anchor_scores, cfg.eval_cache, tokenizer_fingerprint(tokenizer), vocab)
     cache_check_seconds = time.perf_counter() - started
-    ds_config = deepspeed_config(cfg, comm.world_size)
     train_dtype = "bfloat16" if ds_config["bf16"]["enabled"] else "float32"
     if comm.rank == 0 and caches.train["reference"]["dtype"] != train_dtype:
         # At step 0 p - r is then precision noise, and top-k picks its extremes: a biased margin.
