@@ -81,10 +81,18 @@ def zero0_run(tmp_path_factory, demo_cache, models):
 
 @pytest.fixture(scope="module")
 def zero3_run(tmp_path_factory, demo_cache, models):
-    """The same two steps under ZeRO 3: one process, gloo on CPU; the checkpoints hold partitions."""
+    """The same two steps under ZeRO 3: one process, gloo on CPU; the checkpoints hold partitions,
+    and (--save-hf-checkpoints) a gathered Hugging Face copy beside each."""
     run = tmp_path_factory.mktemp("export") / "zero3"
-    train(demo_cache, models["policy"], run, *SETTINGS, "--zero-stage", "3")
+    train(demo_cache, models["policy"], run, *SETTINGS, "--zero-stage", "3", "--save-hf-checkpoints")
     return run
+
+
+def test_save_hf_checkpoints_writes_a_loadable_model_beside_each_checkpoint(zero3_run, tmp_path):
+    step1 = export_here(zero3_run, tmp_path / "step-1", step=1)
+    assert step1["step"] == 1
+    assert torch.allclose(logits(zero3_run / "checkpoints" / "step-1" / "hf"), logits(tmp_path / "step-1"), rtol=0, atol=1e-6)
+    assert torch.allclose(logits(zero3_run / "checkpoints" / "step-2" / "hf"), logits(zero3_run / "model"), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("stage", [0, 3])
