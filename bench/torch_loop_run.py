@@ -85,7 +85,7 @@ def main() -> None:
     for step in range(args.steps):
         step_rows = rows[step * args.global_batch_size:(step + 1) * args.global_batch_size]
         if args.length_sorted_micro_batches:
-            step_rows = order_for_micro_batches(step_rows)
+            step_rows = order_for_micro_batches(step_rows, shared_prompts=args.prefix_sharing)
         for start in range(0, len(step_rows), size):
             (micro_batch_loss(model, step_rows[start:start + size], args) / accumulation).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

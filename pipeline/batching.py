@@ -93,23 +93,26 @@ def top_k_selector(batch: PairBatch, top_k: float) -> Callable[[torch.Tensor], t
     return select
 
 
-def pair_width(row: dict[str, Any]) -> int:
-    """The padded width a pair forces on its micro batch: prompt plus its longer completion."""
-    return len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+def pair_width(row: dict[str, Any], shared_prompts: bool = False) -> int:
+    """The padded width a pair forces on its micro batch: its prompt plus its longer completion,
+    or, packed as one row with its prompt shared (`pipeline/prefix.py`), prompt plus both."""
+    chosen, rejected = len(row["chosen_ids"]), len(row["rejected_ids"])
+    return len(row["prompt_ids"]) + (chosen + rejected if shared_prompts else max(chosen, rejected))
 
 
-def order_for_micro_batches(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def order_for_micro_batches(rows: list[dict[str, Any]], shared_prompts: bool = False) -> list[dict[str, Any]]:
     """This rank's rows of one global batch, widest first, ready to be cut into micro batches.
 
-    Sorted by `pair_width` (the micro batch pads to its widest pair), then total tokens, then id,
-    so the order is deterministic. The step's gradient is unchanged: every micro batch holds the
-    same number of pairs, its loss is their mean, and the step sums the micro batches' gradients;
-    only the summation order differs. Widest first puts the step's peak memory in its first
-    micro batch, where a too-large setting fails at once.
+    Sorted by `pair_width` (the micro batch pads to its widest pair; `shared_prompts` when the
+    pairs go through `pack_pairs`), then total tokens, then id, so the order is deterministic.
+    The step's gradient is unchanged: every micro batch holds the same number of pairs, its loss
+    is their mean, and the step sums the micro batches' gradients; only the summation order
+    differs. Widest first puts the step's peak memory in its first micro batch, where a
+    too-large setting fails at once.
     """
     def key(row: dict[str, Any]) -> tuple[int, int, str]:
         total = 2 * len(row["prompt_ids"]) + len(row["chosen_ids"]) + len(row["rejected_ids"])
-        return -pair_width(row), -total, str(row["id"])
+        return -pair_width(row, shared_prompts), -total, str(row["id"])
 
     return sorted(rows, key=key)
 

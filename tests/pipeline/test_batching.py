@@ -50,6 +50,8 @@ def test_micro_batch_order_is_widest_first_with_ties_by_total_then_id():
             lengths_row("c", 4, 1, 1), lengths_row("d", 1, 7, 2)]
     assert [r["id"] for r in order_for_micro_batches(rows)] == ["d", "b", "a", "e", "c"]
     assert [r["id"] for r in order_for_micro_batches(rows[::-1])] == ["d", "b", "a", "e", "c"]
+    # Packed with shared prompts the width is prompt + both: a 10, b 13, c 6, d 10, e 10 (ties by total, then id).
+    assert [r["id"] for r in order_for_micro_batches(rows, shared_prompts=True)] == ["b", "a", "e", "d", "c"]
 
 
 def random_pairs(count, seed):
