@@ -30,6 +30,7 @@ import itertools
 import json
 import random
 import string
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -265,6 +266,17 @@ def write_jsonl(pairs: list[Pair], vocab: int, path: Path) -> Path:
 # ---------------------------------------------------------------------------- all of it
 
 
+def device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    sys.path.append(str(Path(__file__).resolve().parent.parent))  # bench/, for benchlib
+    from benchlib import machine
+
+    return machine()["cpu"]
+
+
 def build_all(profile_name: str, work: Path, device: str) -> dict[str, Any]:
     profile = PROFILES[profile_name]
     work.mkdir(parents=True, exist_ok=True)
@@ -278,7 +290,8 @@ def build_all(profile_name: str, work: Path, device: str) -> dict[str, Any]:
                                              dtype=profile.weights_dtype, device=device)},
     }
     fixtures = {
-        "profile": profile_name, "vocab": profile.vocab, "weights_dtype": profile.weights_dtype, "models": models,
+        "profile": profile_name, "device": device_name(device), "vocab": profile.vocab,
+        "weights_dtype": profile.weights_dtype, "models": models,
         "data": {"stage_one": str(write_jsonl(stage_one_pairs(profile), profile.vocab, work / "stage-one.jsonl")),
                  "stage_two": str(write_jsonl(stage_two_pairs(profile), profile.vocab, work / "stage-two.jsonl"))},
     }

@@ -100,6 +100,8 @@ def finite(values: list[float]) -> bool:
 
 
 class Proof:
+    """The checks, what they share (fixtures, caches, runs: each built once, on first use) and their results."""
+
     def __init__(self, profile: str, device: str, out: Path, work: Path):
         self.profile: Profile = PROFILES[profile]
         # Models, caches and runs are reused by a rerun (`--only`) with the same sizes and device, never across them.
@@ -390,7 +392,7 @@ class Proof:
 
     # ------------------------------------------------------------------------ the run
 
-    def run_checks(self, names: list[str]) -> None:
+    def run_checks(self, names: list[str], started: float) -> None:
         for name in names:
             log(f"{name}")
             started = time.perf_counter()
@@ -403,6 +405,13 @@ class Proof:
             result["seconds"] = round(time.perf_counter() - started, 1)
             self.results[name] = result
             (self.out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+            # After every check, so a run stopped at the device's time limit still leaves one.
+            self.write_summary(time.perf_counter() - started)
+
+    def write_summary(self, seconds: float) -> dict:
+        summary = self.summary(seconds)
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
 
     def summary(self, seconds: float) -> dict:
         r = self.results
@@ -419,7 +428,7 @@ class Proof:
 
         s_memory = f"vocab {self.profile.memory_vocab:,}, {self.profile.memory_seq_len:,} tokens"
         return {
-            "device": self.device_name(), "mode": self.profile_name, "versions": versions(),
+            "device": (self._fixtures or {}).get("device"), "mode": self.profile_name, "versions": versions(),
             "selpipe_installed_matches_tree": installed_matches_tree(), "seconds": round(seconds, 1),
             "targets": [
                 target("stage one: hf backend tokens/s over the naive loop", "stage_one_speed",
@@ -450,15 +459,6 @@ class Proof:
             ],
             "errors": {name: result["error"] for name, result in r.items() if "error" in result},
         }
-
-    def device_name(self) -> str:
-        if self.gpu:
-            import torch
-
-            return torch.cuda.get_device_name(0)
-        from benchlib import machine
-
-        return machine()["cpu"]
 
 
 def versions() -> dict[str, str | None]:
@@ -509,9 +509,8 @@ def main() -> None:
     started = time.perf_counter()
     proof = Proof("tiny" if args.tiny else "full", args.device, args.out, args.work)
     log(f"GPU proof: profile {proof.profile_name}, device {args.device}, out {args.out}, work {proof.work}")
-    proof.run_checks(names)
-    summary = proof.summary(time.perf_counter() - started)
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    proof.run_checks(names, started)
+    summary = proof.write_summary(time.perf_counter() - started)
     for row in summary["targets"]:
         log(f"target  {row['target']}: {row['measured']} ({row['goal']}) met={row['met']}")
     for row in summary["checks"]:
