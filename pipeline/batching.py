@@ -74,19 +74,23 @@ def collate_pairs(rows: list[dict[str, Any]], pad_id: int = 0, weights: list[flo
     )
 
 
-def top_k_selector(batch: PairBatch, top_k: float) -> Callable[[torch.Tensor], torch.Tensor]:
+def top_k_selector(batch: PairBatch, top_k: float, all_chosen: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
     """The `select` of `selective_completion_logprobs` for this batch: the tokens that
     `selective_dpo_loss` will select from these log-probs, as a flat bool [N].
 
     Same scores (the scoring reference, not the anchor), same per-sequence threshold, same
-    layout: `to_padded` over the completion lengths, chosen rows first.
+    layout: `to_padded` over the completion lengths, chosen rows first. Every loss of
+    `LOSSES` has a zero gradient off this selection; an RPO term over all chosen tokens
+    (`rpo_tokens="all"`) does not, and needs `all_chosen`: every chosen token then keeps its
+    gradient path (the rejected side is still cut to its top k).
     """
     pairs, lengths = batch.pairs, batch.completion_lengths
 
     def select(flat: torch.Tensor) -> torch.Tensor:
         policy, mask = to_padded(flat, lengths)
         reference = batch.reference.to(flat.device)
-        chosen = top_k_mask(alignment_scores(policy[:pairs], reference[:pairs], chosen=True), mask[:pairs], top_k)
+        chosen = (mask[:pairs] if all_chosen else
+                  top_k_mask(alignment_scores(policy[:pairs], reference[:pairs], chosen=True), mask[:pairs], top_k))
         rejected = top_k_mask(alignment_scores(policy[pairs:], reference[pairs:], chosen=False), mask[pairs:], top_k)
         return torch.cat([chosen, rejected])[mask]
 

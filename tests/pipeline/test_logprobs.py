@@ -131,33 +131,40 @@ def pair_rows(seed: int = 0) -> list[dict]:
     return rows
 
 
-def selective_loss(flat, batch, top_k=0.4):
+def selective_loss(flat, batch, **settings):
     """The trainer's loss: `selective_dpo_loss` over the padded policy log-probs, mean over pairs."""
     policy, mask = to_padded(flat, batch.completion_lengths)
     b = batch.pairs
     out = selective_dpo_loss(policy[:b], policy[b:], batch.reference[:b], batch.reference[b:], mask[:b], mask[b:],
-                             top_k=top_k, beta=0.1)
+                             top_k=0.4, beta=0.1, **settings)
     return out.losses.mean(), torch.cat([out.chosen_selected, out.rejected_selected])[mask]
 
 
-@pytest.mark.parametrize("chunk_size", [5, 4096])  # checkpointed chunks; one chunk kept for backward
-def test_selective_head_gives_the_full_heads_values_and_gradient(models, chunk_size):
-    """Same values bit for bit, and, under the selective loss (zero gradient off the mask), the
-    same gradient for every parameter within 1e-6 of its norm."""
+@pytest.mark.parametrize("chunk_size, settings", [
+    (5, {}),  # checkpointed chunks
+    (4096, {}),  # one chunk, kept for backward
+    (5, {"loss_type": "ipo"}),
+    (5, {"rpo_alpha": 0.5, "rpo_tokens": "all"}),  # a gradient at every chosen token: all_chosen
+    (5, {"rpo_alpha": 0.5, "rpo_tokens": "selected"}),
+])
+def test_selective_head_gives_the_full_heads_values_and_gradient(models, chunk_size, settings):
+    """Same values bit for bit, and, under the selective loss (zero gradient off the selection),
+    the same gradient for every parameter within 1e-6 of its norm."""
     model = AutoModelForCausalLM.from_pretrained(models["policy"])
     batch = collate_pairs(pair_rows())
     inputs = (model, batch.input_ids, batch.attention_mask, batch.target_mask)
 
     full = completion_logprobs(*inputs, chunk_size=chunk_size)
-    loss, selected = selective_loss(full, batch)
+    loss, selected = selective_loss(full, batch, **settings)
     loss.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     assert 0 < selected.sum() < selected.numel()  # a real subset
 
     model.zero_grad()
-    flat = selective_completion_logprobs(*inputs, select=top_k_selector(batch, 0.4), chunk_size=chunk_size)
+    select = top_k_selector(batch, 0.4, all_chosen=settings.get("rpo_tokens") == "all")
+    flat = selective_completion_logprobs(*inputs, select=select, chunk_size=chunk_size)
     assert torch.equal(flat, full)
-    loss_again, selected_again = selective_loss(flat, batch)
+    loss_again, selected_again = selective_loss(flat, batch, **settings)
     assert torch.equal(selected_again, selected) and torch.equal(loss_again, loss)
     loss_again.backward()
     for name, param in model.named_parameters():
