@@ -268,8 +268,8 @@ def main() -> None:
     summaries = {job: median_of_runs(results) for job, results in runs.items()}
     rows = list(raw)
     for (case, system, variant), summary in summaries.items():
-        rows.append({"kind": "system", "reference": case, "system": system, "variant": variant, "runs": len(runs[case, system, variant]),
-                     **{k: v for k, v in summary.items() if k != "step_seconds"}})
+        rows.append({"kind": "system", "reference": case, "system": system, "variant": variant,
+                     "runs": len(runs[case, system, variant]), **{k: v for k, v in summary.items() if k != "step_seconds"}})
     for case in references:
         ours, peer = summaries.get((case, "selpipe", DEFAULTS)), summaries.get((case, "trl", DEFAULTS))
         if ours is None or peer is None:

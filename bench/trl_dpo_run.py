@@ -129,7 +129,8 @@ def main() -> None:
         "step_seconds": [b - a for a, b in zip(timer.marks, timer.marks[1:])],
         "step_tokens": step_tokens, "pairs_per_step": args.global_batch_size,
         "torch_threads": torch.get_num_threads(),
-        "precompute_ref_log_probs": args.precompute_ref_log_probs, "precompute_seconds": precompute.seconds if args.precompute_ref_log_probs else None,
+        "precompute_ref_log_probs": args.precompute_ref_log_probs,
+        "precompute_seconds": precompute.seconds if args.precompute_ref_log_probs else None,
     }
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
 
