@@ -37,8 +37,9 @@ from selpipe.pipeline.errors import ConfigError
 
 @dataclass
 class Report:
-    """What a command returns: the summary (`--json` prints it), the text a person reads instead
-    (default: the summary as indented JSON), and a failure line that makes the exit status 1."""
+    """What a command returns: the summary (`--json` prints it; None prints nothing), the text a
+    person reads instead (default: the summary as indented JSON), and a failure line that makes
+    the exit status 1."""
 
     summary: Any
     text: str | None = None
@@ -169,7 +170,9 @@ def config_command(cls: type, run: Callable[[Any], Report]) -> Callable[..., Non
         cfg = build_config(cls, file_values, overrides)
         with stdout_to_stderr() if as_json else nullcontext():
             report = run(cfg)
-        if as_json:
+        if report.summary is None:
+            pass  # a process with nothing to report (a training rank other than 0)
+        elif as_json:
             typer.echo(json.dumps(report.summary, default=str))
         else:
             typer.echo(report.text if report.text is not None else json.dumps(report.summary, indent=2, default=str))

@@ -30,7 +30,7 @@ Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Tracker = Literal["tensorboard", "wandb", "mlflow", "none"]
 
 
-def setting(default: Any, help: str, *, identity: bool = False, cli: bool = True, argument: bool = False,
+def setting(default: Any, help: str, *, identity: bool = False, argument: bool = False,
             **kwargs: Any) -> Any:
     """A dataclass field with its help text.
 
@@ -39,7 +39,7 @@ def setting(default: Any, help: str, *, identity: bool = False, cli: bool = True
     are compared by content, since one may be mounted at another path.) `argument` makes the
     setting a positional command-line argument instead of a flag.
     """
-    metadata = {"help": help, "identity": identity, "cli": cli, "argument": argument}
+    metadata = {"help": help, "identity": identity, "argument": argument}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
     return field(default=default, metadata=metadata, **kwargs)
@@ -150,7 +150,7 @@ class TrainConfig:
     learning_rate: float = setting(5e-7, "Peak learning rate of AdamW.")
     min_lr_ratio: float = setting(0.0, "Final learning rate as a fraction of the peak (--schedule cosine_with_min_lr).")
     weight_decay: float = setting(0.0, "AdamW weight decay.")
-    adam_betas: list = setting([0.9, 0.999], "AdamW betas.", cli=False)
+    adam_betas: list = setting([0.9, 0.999], "AdamW betas (beta1,beta2).")
     schedule: Schedule = setting("cosine", "Learning-rate decay after warm-up (transformers.get_scheduler): linear, "
                                            "cosine, cosine_with_min_lr (down to --min-lr-ratio) or constant.")
     warmup_steps: int = setting(0, "Optimizer steps of linear warm-up from 0.")

@@ -103,8 +103,10 @@ class Policy:
             save_pretrained(self.model, self.peft_model, self.tokenizer, state, directory)
 
 
-def run_train(cfg: TrainConfig) -> dict[str, Any]:
+def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
+    """Train; returns the run's summary on rank 0 (None on the other ranks, which have nothing to add)."""
     comm = Comm()
+    rank = comm.rank
     engine: TrainEngine | None = None
     try:
         parts = setup(cfg, comm)
@@ -123,7 +125,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     del zero3_context  # merging below loads the base whole, outside ZeRO-3's partitioned construction
     if cfg.merge_adapter and comm.rank == 0 and summary["model_saved"]:
         merge_adapter(cfg.policy, Path(cfg.output) / "model", Path(cfg.output) / "model-merged")
-    return summary
+    return summary if rank == 0 else None
 
 
 def _train(cfg: TrainConfig, parts: Setup, engine: TrainEngine, policy: Policy) -> dict[str, Any]:
