@@ -20,7 +20,9 @@ VENV=${VENV:-$REPO/.venv}
 PY_VERSION=${PY_VERSION:-3.12}   # the GPU image's Python
 OUT=$HERE/wheels
 PURE="datasets trl hjson dill multiprocess pydantic annotated-types typing-inspection typing-extensions"
-BINARY="zstandard pydantic-core"
+# EXTRA names more of .venv's packages to carry, where the image's own version is too old for the
+# others (datasets wants pyarrow >= 24, fsspec <= 2026.9): EXTRA="pyarrow" adds about 40 MB.
+BINARY="zstandard pydantic-core ${EXTRA:-}"
 
 version() { "$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 

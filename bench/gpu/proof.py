@@ -14,9 +14,9 @@ into another, and its log lands in WORK/logs/.
   the two caches (max, p50, p99, mean); `selpipe verify` of the bf16 cache against fp32
   transformers and of the fp32 cache against fp32 transformers (their JSON reports).
 - stage_one_speed: tokens/s and MFU of the hf backend vs the naive loop (bench/gpu/scoring_speed.py).
-- stage_two_parity: `selpipe train --top-k 1` for one step on the bf16 cache (the ~1B model as
-  reference, the ~0.5B as policy); its logged loss against TRL DPOTrainer's loss on the same
-  pairs with that reference live.
+- stage_two_parity: `selpipe train --top-k 1` for one step on the stage-one cache of the training
+  precision (bf16 on a GPU; the ~1B model as reference, the ~0.5B as policy); its logged loss
+  against TRL DPOTrainer's loss on the same pairs with that reference live.
 - stage_two_runs: 20 steps under ZeRO-0 and under ZeRO-2; losses finite; the same ZeRO-0 run
   SIGKILLed once checkpoint step-10 exists and continued with `--resume`: its later steps
   against the uninterrupted run's.
