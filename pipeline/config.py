@@ -172,6 +172,14 @@ class TrainConfig:
     merge_adapter: bool = setting(False, "With LoRA: also save model-merged/, the base with the adapter merged in.")
     gradient_checkpointing: bool = setting(False, "Recompute activations in backward to save memory.")
     logprob_chunk: int = setting(256, "Completion positions per log-softmax chunk: peak memory is about 3 x chunk x vocab x 4 bytes.")
+    length_sorted_micro_batches: bool = setting(True, "Order each step's pairs by length before cutting micro batches "
+                                                      "(less padding; the step sees the same pairs).")
+    selective_head: bool = setting(True, "Recompute the output head with gradient at the selected tokens only (the "
+                                         "same gradient; less head work at k < 1).")
+    prefix_sharing: bool = setting(False, "Forward each pair's prompt once for both responses (one packed row, a "
+                                          "block-causal mask; needs sdpa or eager attention).")
+    length_bucketing: bool = setting(False, "Group pairs of similar length into the same global batch within each "
+                                            "shuffle window (changes which pairs share a step).")
     shuffle_window: int = setting(16, "Row groups shuffled together (the stream's shuffle buffer).")
     seed: int = setting(0, "Seed of the shuffle and of any randomness in the run.")
     save_every: int = setting(0, "Checkpoint every N optimizer steps (0: only at the end).")

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError
+from .errors import ConfigError
 from .logprobs import logprobs_from_hidden, output_head, selective_logprobs_from_hidden
 
 MASKABLE_ATTENTION = ("sdpa", "eager")

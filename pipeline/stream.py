@@ -24,8 +24,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .batching import length_bucketed_order
 from .cache import CacheError, iter_row_groups
 
 ANCHOR_COLUMNS = ["chosen_ref_logps", "rejected_ref_logps"]
@@ -45,7 +47,7 @@ class StreamPosition:
 class CacheStream:
     def __init__(self, directory: str | Path, manifest: dict[str, Any], *, rank: int, world_size: int,
                  global_batch_size: int, seed: int, shuffle_window: int,
-                 anchor: tuple[str | Path, dict[str, Any]] | None = None):
+                 anchor: tuple[str | Path, dict[str, Any]] | None = None, length_bucketing: bool = False):
         if global_batch_size % world_size:
             raise ValueError(f"global batch {global_batch_size} does not split over {world_size} ranks")
         self.directory = Path(directory)
@@ -53,6 +55,7 @@ class CacheStream:
         self.total_rows = sum(rows for _, _, rows in self.row_groups)
         self.rank, self.world_size = rank, world_size
         self.global_batch_size, self.seed, self.shuffle_window = global_batch_size, seed, shuffle_window
+        self.length_bucketing = length_bucketing
         self.anchor_directory = Path(anchor[0]) if anchor else None
         self.batches_per_epoch = self.total_rows // global_batch_size
         if self.batches_per_epoch == 0:
@@ -82,6 +85,17 @@ class CacheStream:
             tables.append(table)
         return pa.concat_tables(tables)
 
+    def _window_order(self, table: pa.Table, epoch: int, window_index: int, window_start: int) -> np.ndarray:
+        """The window's row order: a seeded shuffle, or with length bucketing one whose global
+        batches each hold pairs of similar padded width (`batching.length_bucketed_order`)."""
+        generator = np.random.default_rng([self.seed, epoch, window_index])
+        if not self.length_bucketing:
+            return generator.permutation(table.num_rows)
+        longer = pc.max_element_wise(pc.list_value_length(table.column("chosen_ids")),
+                                     pc.list_value_length(table.column("rejected_ids")))
+        widths = pc.add(pc.list_value_length(table.column("prompt_ids")), longer).to_numpy()
+        return np.asarray(length_bucketed_order(widths, self.global_batch_size, generator, offset=window_start))
+
     def _mine(self, start: int, stop: int) -> list[int]:
         """Stream positions in [start, stop) that belong to this rank (by global-batch slice)."""
         share = self.global_batch_size // self.world_size
@@ -102,8 +116,8 @@ class CacheStream:
                     lo = max(offset, window_start)
                     wanted = self._mine(lo, window_stop)
                     if wanted:
-                        permutation = np.random.default_rng([self.seed, epoch, window_index]).permutation(window_rows)
                         table = self._read_window(groups)
+                        permutation = self._window_order(table, epoch, window_index, window_start)
                         pending.extend(table.take(permutation[np.asarray(wanted) - window_start]).to_pylist())
                     share = self.global_batch_size // self.world_size
                     # Emit every global batch that ends inside this window.

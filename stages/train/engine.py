@@ -12,6 +12,7 @@ import json
 import os
 import socket
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,7 +21,8 @@ from selpipe.pipeline.atomic import atomic_path
 from selpipe.pipeline.batching import PairBatch
 from selpipe.pipeline.config import TrainConfig
 from selpipe.pipeline.errors import ConfigError
-from selpipe.pipeline.logprobs import check_output_head, completion_logprobs
+from selpipe.pipeline.logprobs import check_output_head, completion_logprobs, selective_completion_logprobs
+from selpipe.pipeline.prefix import SharedPromptBatch, check_shared_prompts, shared_prompt_logprobs
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
 
@@ -115,8 +117,10 @@ def compute_dtype(ds_config: dict[str, Any]) -> torch.dtype:
     return torch.float16 if ds_config["fp16"]["enabled"] else torch.float32
 
 
-def load_policy(cfg: TrainConfig, ds_config: dict[str, Any]) -> tuple[Any, Any, Any]:
+def load_policy(cfg: TrainConfig, ds_config: dict[str, Any], max_width: int | None = None) -> tuple[Any, Any, Any]:
     """(the causal LM the log-probs come from, its PEFT wrapper or None, the ZeRO-3 context or None).
+
+    `max_width`: the longest packed row prefix sharing can build (prompt and both responses).
 
     Under ZeRO-3 the model is built partitioned across ranks as it loads (HfDeepSpeedConfig, kept
     alive for the run). With --lora-rank, PEFT injects adapters into the loaded model in place, so
@@ -143,6 +147,8 @@ def load_policy(cfg: TrainConfig, ds_config: dict[str, Any]) -> tuple[Any, Any, 
         check_output_head(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.prefix_sharing:
+        check_shared_prompts(model, width=max_width)
     peft_model = add_adapter(cfg, model) if cfg.lora_rank else None
     return model, peft_model, keep_alive
 
@@ -203,7 +209,16 @@ class PolicyLogprobs(torch.nn.Module):
         super().__init__()
         self.policy, self.chunk_size = policy, chunk_size
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor,
+                select: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                packed: SharedPromptBatch | None = None) -> torch.Tensor:
+        """Flat completion log-probs; `select` limits the head's gradient to the tokens it picks
+        (`pipeline.logprobs.selective_completion_logprobs`), `packed` shares each prompt."""
+        if packed is not None:
+            return shared_prompt_logprobs(self.policy, packed, self.chunk_size, select=select)
+        if select is not None:
+            return selective_completion_logprobs(self.policy, input_ids, attention_mask, target_mask, select,
+                                                 self.chunk_size)
         return completion_logprobs(self.policy, input_ids, attention_mask, target_mask, self.chunk_size)
 
 
@@ -214,9 +229,10 @@ class TrainEngine:
         self.ds = ds_engine
         self.device = ds_engine.device
 
-    def logprobs(self, batch: PairBatch) -> torch.Tensor:
-        """Flat fp32 log-probs of the batch's completion tokens, row-major."""
-        return self.ds(batch.input_ids, batch.attention_mask, batch.target_mask)
+    def logprobs(self, batch: PairBatch, select: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 packed: SharedPromptBatch | None = None) -> torch.Tensor:
+        """Flat fp32 log-probs of the batch's completion tokens, row-major (see `PolicyLogprobs`)."""
+        return self.ds(batch.input_ids, batch.attention_mask, batch.target_mask, select=select, packed=packed)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)

@@ -7,13 +7,12 @@ from typing import Any
 
 import torch
 
-from selpipe.pipeline.batching import collate_pairs
 from selpipe.pipeline.cache import read_rows
 from selpipe.pipeline.config import TrainConfig
 from selpipe.pipeline.metrics import add_sums, reduce_sums
 from selpipe.pipeline.stream import eval_shards
 
-from .loop import forward_loss
+from .loop import forward_loss, micro_batches
 
 
 class Evaluator:
@@ -39,8 +38,8 @@ class Evaluator:
             # Every rank runs the same number of forwards (ZeRO-3 gathers collectively): pad with weight-0 rows.
             weights = [1.0] * len(chunk) + [0.0] * (size - len(chunk))
             rows = [self.rows[i] for i in chunk] + [self.rows[0]] * (size - len(chunk))
-            batch = collate_pairs(rows, self.pad_id, weights).to(engine.device)
-            _, sums, out = forward_loss(engine, batch, self.cfg)
+            [(batch, packed)] = micro_batches(rows, self.cfg, self.pad_id, engine.device, weights)
+            _, sums, out = forward_loss(engine, batch, self.cfg, packed)
             add_sums(totals, sums)
             real = batch.weights.bool().unsqueeze(1).cpu()
             selected = torch.cat([(out.chosen_selected.cpu() & real).flatten(), (out.rejected_selected.cpu() & real).flatten()])

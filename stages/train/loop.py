@@ -14,12 +14,13 @@ from typing import Any, Protocol
 
 import torch
 
-from selpipe.pipeline.batching import PairBatch, collate_pairs
+from selpipe.pipeline.batching import PairBatch, collate_pairs, order_for_micro_batches, top_k_selector
 from selpipe.pipeline.config import TrainConfig
 from selpipe.pipeline.errors import SelpipeError
 from selpipe.pipeline.logprobs import to_padded
 from selpipe.pipeline.loss import SelectiveDPOOutput, selective_dpo_loss
 from selpipe.pipeline.metrics import SIDES, add_sums, pair_sums, reduce_sums
+from selpipe.pipeline.prefix import SharedPromptBatch, pack_pairs
 from selpipe.pipeline.stream import StreamPosition
 
 from .run_dir import TrainState
@@ -32,15 +33,36 @@ class TrainingDiverged(SelpipeError):
 class Engine(Protocol):
     device: torch.device
 
-    def logprobs(self, batch: PairBatch) -> torch.Tensor: ...
+    def logprobs(self, batch: PairBatch, select: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 packed: SharedPromptBatch | None = None) -> torch.Tensor: ...
     def backward(self, loss: torch.Tensor) -> None: ...
     def lr(self) -> float: ...
     def step(self) -> float | None: ...
 
 
-def forward_loss(engine: Engine, batch: PairBatch, cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor], SelectiveDPOOutput]:
+def micro_batches(rows: list[dict[str, Any]], cfg: TrainConfig, pad_id: int, device: torch.device,
+                  weights: list[float] | None = None) -> Iterator[tuple[PairBatch, SharedPromptBatch | None]]:
+    """A step's rows cut into micro batches (ordered by length first, if asked: the same pairs, less
+    padding), each collated for the loss and, with prefix sharing, packed for the forward."""
+    size = cfg.micro_batch_size
+    if cfg.length_sorted_micro_batches and weights is None:
+        rows = order_for_micro_batches(rows, shared_prompts=cfg.prefix_sharing)
+    for start in range(0, len(rows), size):
+        chunk = rows[start:start + size]
+        batch = collate_pairs(chunk, pad_id, None if weights is None else weights[start:start + size]).to(device)
+        packed = pack_pairs(chunk, pad_id).to(device) if cfg.prefix_sharing else None
+        yield batch, packed
+
+
+def forward_loss(engine: Engine, batch: PairBatch, cfg: TrainConfig, packed: SharedPromptBatch | None = None
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], SelectiveDPOOutput]:
     """Mean loss of the micro batch's real pairs, the sums its metrics are made of, and the loss's output."""
-    policy, _ = to_padded(engine.logprobs(batch), batch.completion_lengths)
+    select = None
+    if cfg.selective_head and cfg.top_k < 1 and torch.is_grad_enabled():
+        # The head's gradient only where the loss has one: the selected tokens (every chosen token
+        # when an RPO term averages over all of them).
+        select = top_k_selector(batch, cfg.top_k, all_chosen=cfg.rpo_alpha > 0 and cfg.rpo_tokens == "all")
+    policy, _ = to_padded(engine.logprobs(batch, select=select, packed=packed), batch.completion_lengths)
     pairs = batch.pairs
     mask = batch.completion_mask
     out = selective_dpo_loss(
@@ -95,7 +117,6 @@ def fit(
     `save_every` steps and at the last step; never twice at one step (a resumed run restarts at a
     step it already evaluated and saved).
     """
-    size = cfg.micro_batch_size
     history = state.history
     while True:
         last_step = state.step == total_steps
@@ -115,12 +136,11 @@ def fit(
         started = time.perf_counter()
         position, rows = next(batches)
         sums: dict[str, torch.Tensor] = {}
-        micro_batches = -(-len(rows) // size)
-        for micro in range(micro_batches):
-            batch = collate_pairs(rows[micro * size:(micro + 1) * size], pad_id).to(engine.device)
-            loss, micro_sums, _ = forward_loss(engine, batch, cfg)
+        count = -(-len(rows) // cfg.micro_batch_size)
+        for micro, (batch, packed) in enumerate(micro_batches(rows, cfg, pad_id, engine.device)):
+            loss, micro_sums, _ = forward_loss(engine, batch, cfg, packed)
             engine.backward(loss)
-            if micro == micro_batches - 1:
+            if micro == count - 1:
                 lr = engine.lr()  # the rate this step applies (the scheduler moves on in step())
             grad_norm = engine.step()
             add_sums(sums, micro_sums)

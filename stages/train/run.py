@@ -77,7 +77,8 @@ def setup(cfg: TrainConfig, comm: Comm) -> Setup:
                       f"{train_dtype}; alignment scores start as precision noise. Score in the training precision.")
     stream = CacheStream(cfg.cache, caches.train, rank=comm.rank, world_size=comm.world_size,
                          global_batch_size=cfg.global_batch_size, seed=cfg.seed, shuffle_window=cfg.shuffle_window,
-                         anchor=(cfg.anchor_scores, caches.anchor) if caches.anchor else None)
+                         anchor=(cfg.anchor_scores, caches.anchor) if caches.anchor else None,
+                         length_bucketing=cfg.length_bucketing)
     # Content digests: a resume must see the same scores (and evaluate on the same rows) as the run it continues.
     identity = {name: manifest and cache_identity(manifest) for name, manifest in
                 (("cache", caches.train), ("anchor_scores", caches.anchor), ("eval_cache", caches.eval))}
@@ -111,7 +112,9 @@ def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
     try:
         parts = setup(cfg, comm)
         torch.manual_seed(cfg.seed)
-        model, peft_model, zero3_context = load_policy(cfg, parts.ds_config)
+        # The longest row prefix sharing packs: a prompt and two responses within the cache's limit each.
+        max_length = parts.caches.train["tokenization"].get("max_length")
+        model, peft_model, zero3_context = load_policy(cfg, parts.ds_config, 2 * max_length if max_length else None)
         engine = build_engine(cfg, model, parts.ds_config, parts.total_steps)
         summary = _train(cfg, parts, engine, Policy(model, peft_model, parts.tokenizer))
     except BaseException as err:

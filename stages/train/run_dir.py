@@ -37,10 +37,10 @@ MARKER = ".selpipe-run.json"
 # Settings a resumed run must share with its checkpoint: they fix the row order, the loss and the
 # optimizer (whose learning rate, betas and weight decay the checkpoint restores over any new value).
 # The caches are compared by content, not path: the same cache may be mounted elsewhere.
-RESUME_INVARIANTS = ("global_batch_size", "seed", "shuffle_window", "top_k", "loss_type", "beta", "label_smoothing",
-                     "simpo_gamma", "rpo_alpha", "rpo_tokens", "max_steps", "epochs", "learning_rate", "min_lr_ratio",
-                     "schedule", "warmup_steps", "weight_decay", "adam_betas", "lora_rank", "lora_alpha",
-                     "lora_dropout", "lora_target_modules", "load_in_4bit", "precision")
+RESUME_INVARIANTS = ("global_batch_size", "seed", "shuffle_window", "length_bucketing", "top_k", "loss_type", "beta",
+                     "label_smoothing", "simpo_gamma", "rpo_alpha", "rpo_tokens", "max_steps", "epochs",
+                     "learning_rate", "min_lr_ratio", "schedule", "warmup_steps", "weight_decay", "adam_betas",
+                     "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "load_in_4bit", "precision")
 
 
 @dataclass

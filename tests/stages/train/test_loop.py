@@ -26,7 +26,7 @@ class FakeEngine:
         self.steps = 0
         self.poison_at_step = poison_at_step
 
-    def logprobs(self, batch):
+    def logprobs(self, batch, select=None, packed=None):
         count = int(batch.target_mask.sum())
         value = self.theta * torch.ones(count)
         if self.poison_at_step is not None and self.steps + 1 == self.poison_at_step:
