@@ -88,7 +88,11 @@ class ScoreConfig:
                                                      "Slurm tasks or torchrun, whose LOCAL_RANK picks the GPU.")
     shard_size: int = setting(4096, "Input rows per shard (the unit of restart).", identity=True)
     row_group_size: int = setting(256, "Rows per Parquet row group (the unit of streaming).", identity=True)
-    token_budget: int = setting(16384, "hf backend: most padded tokens in one forward batch.")
+    token_budget: int | Literal["auto"] = setting("auto", "hf backend: most padded tokens in one forward batch; `auto` "
+                                                          "times doubling budgets at start-up and takes the smallest "
+                                                          "within 5% of the fastest (reported in the summary).")
+    share_prompts: bool = setting(False, "hf backend: score each distinct prompt once for all its completions (same "
+                                         "log-probs; faster when prompts are long).")
     logprob_chunk: int = setting(256, "Completion positions per log-softmax chunk: the fp32 buffer is chunk x vocab x 4 bytes.")
     device: str = setting("auto", "hf backend device: auto, cpu, cuda, cuda:N.")
     compile: bool = setting(False, "hf backend: torch.compile the model with frozen weights: about a minute more start-up, "
@@ -108,7 +112,7 @@ class ScoreConfig:
         _check_choice(self, "truncation", Truncation)
         _check_choice(self, "on_bad_row", OnBadRow)
         _check_positive(self, "max_length", "max_prompt_length", "shard_size",
-                        "row_group_size", "token_budget", "logprob_chunk", "tensor_parallel_size")
+                        "row_group_size", "logprob_chunk", "tensor_parallel_size")
         for name in ("num_workers", "worker_index"):
             value = getattr(self, name)
             if value != "auto" and (isinstance(value, bool) or not isinstance(value, int)):
@@ -122,7 +126,11 @@ class ScoreConfig:
             )
         if self.worker_index != "auto" and (self.worker_index < 0 or self.num_workers != "auto" and self.worker_index >= self.num_workers):
             raise ConfigError(f"--worker-index must be in [0, {self.num_workers}); got {self.worker_index}")
-        if self.token_budget < self.max_length:
+        if self.token_budget != "auto" and (isinstance(self.token_budget, bool) or not isinstance(self.token_budget, int)):
+            raise ConfigError(f"--token-budget must be an integer or auto; got {self.token_budget!r}")
+        if self.share_prompts and self.backend != "hf":
+            raise ConfigError("--share-prompts is for --backend hf (vLLM has its own prefix caching, off for exact scores)")
+        if self.token_budget != "auto" and self.token_budget < self.max_length:
             raise ConfigError(f"--token-budget ({self.token_budget}) must hold one sequence of --max-length ({self.max_length})")
 
     def identity(self) -> dict[str, Any]:

@@ -260,4 +260,4 @@ def make_scorer(cfg) -> Scorer:  # cfg: ScoreConfig
                           kv_cache_memory_bytes=cfg.kv_cache_memory_bytes, enforce_eager=cfg.enforce_eager)
     return HFScorer(cfg.model, revision=cfg.revision, dtype=cfg.dtype, device=cfg.device,
                     token_budget=cfg.token_budget, chunk_size=cfg.logprob_chunk, compile=cfg.compile,
-                    max_length=cfg.max_length)
+                    max_length=cfg.max_length, share_prompts=cfg.share_prompts)

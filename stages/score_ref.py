@@ -467,6 +467,8 @@ def _score(cfg: ScoreConfig, out: Path, source: InputSource, header: dict[str, A
         if scorer is not None:
             scorer.close()
     elapsed = time.perf_counter() - started
+    # What the backend chose for itself (the hf backend's measured token budget), for the summary.
+    backend_info = dict(scorer.info) if scorer is not None else {}
 
     with _os_errors("write the worker's totals", out):
         mine = [r for r in shard_records(out) if r.worker == cfg.worker_index]
@@ -481,7 +483,7 @@ def _score(cfg: ScoreConfig, out: Path, source: InputSource, header: dict[str, A
         "cache": cfg.output, "worker": cfg.worker_index, "num_workers": cfg.num_workers, "complete": complete,
         **summarize(mine), "shards_resumed": resumed, "rows_scored_now": scored_rows,
         "tokens_scored_now": scored_tokens, "seconds": round(elapsed, 2),
-        "tokens_per_second": round(scored_tokens / elapsed, 1) if elapsed > 0 else None,
+        "tokens_per_second": round(scored_tokens / elapsed, 1) if elapsed > 0 else None, "backend_info": backend_info,
     }
     if complete:
         summary["cache_totals"] = load_manifest(out)["totals"]

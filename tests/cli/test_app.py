@@ -28,7 +28,7 @@ def test_every_setting_is_a_flag_with_its_help_and_default(command, cls):
     if command == "verify":
         assert "Usage: selpipe verify [OPTIONS] [CACHE]" in help_text and "Score cache directory. [required]" in help_text
     if command == "train":
-        assert "AdamW betas. Comma-separated. [default: 0.9,0.999]" in help_text
+        assert "AdamW betas (beta1,beta2). Comma-separated. [default: 0.9,0.999]" in help_text
         assert "DPO temperature beta" in help_text and "[default: 0.01]" in help_text
 
 
