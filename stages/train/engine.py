@@ -24,7 +24,6 @@ from selpipe.pipeline.errors import ConfigError
 from selpipe.pipeline.logprobs import check_output_head, completion_logprobs, selective_completion_logprobs
 from selpipe.pipeline.prefix import SharedPromptBatch, check_shared_prompts, shared_prompt_logprobs
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
 
 
 def free_port() -> int:
@@ -77,9 +76,17 @@ def mixed_precision(precision: str) -> str | None:
     return precision
 
 
+def shipped_config(name: str) -> Path:
+    """A config shipped in configs/ (the package `selpipe.configs` once installed)."""
+    from importlib.util import find_spec
+
+    # A data-only package (no __init__.py): its one search location is the directory.
+    return Path(list(find_spec("selpipe.configs").submodule_search_locations)[0]) / name
+
+
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     """The shipped (or given) DeepSpeed JSON with selpipe's settings filled in."""
-    path = Path(cfg.deepspeed_config) if cfg.deepspeed_config else CONFIG_DIR / f"zero{cfg.zero_stage}.json"
+    path = Path(cfg.deepspeed_config) if cfg.deepspeed_config else shipped_config(f"zero{cfg.zero_stage}.json")
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
