@@ -10,15 +10,18 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+import socket
+import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 
 def temporary_name(path: Path) -> Path:
-    """A hidden sibling of `path`, unique to this process."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """A hidden sibling of `path`, unique to this write: workers on other hosts sharing the file
+    system may have the same process id, so the name carries the host and a random token too."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
 
 
 @contextmanager
@@ -58,12 +61,6 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-def write_with(path: str | Path, writer: Callable[[Path], None], *, fsync: bool = False) -> None:
-    """`writer(tmp)` writes the content; it lands at `path` only if the writer returns."""
-    with atomic_path(path, fsync=fsync) as tmp:
-        writer(tmp)
 
 
 # link(2) failing with these means the file system has no hard links (some FUSE and SMB mounts).

@@ -311,6 +311,7 @@ def check_layout(directory: str | Path, manifest: dict[str, Any]) -> None:
             raise CacheError(f"{directory / 'manifest.json'}: shard entry {position} names {name!r}, not a shard file of "
                              f"this cache (part-WWWWW-SSSSSS.parquet); the manifest is damaged or foreign: rescore")
         bad = [key for key in ("rows", *RECORD_TOTALS[1:]) if not isinstance(shard.get(key), int) or shard[key] < 0]
+        bad += [] if isinstance(shard.get("sha256"), str) else ["sha256"]
         if bad:
             raise CacheError(f"{directory / 'manifest.json'}: shard {name} has malformed {', '.join(bad)}; rescore")
         listed.append(name)
@@ -385,6 +386,8 @@ def check_values(directory: str | Path, manifest: dict[str, Any], vocab_size: in
             raise CacheError(f"{anchor_dir / shard['file']}: the anchor cache's shards or row groups differ from {path}'s "
                              f"(other row groups); score the anchor with the same --row-group-size")
         for group in range(parquet.metadata.num_row_groups):
+            if parquet.metadata.row_group(group).num_rows == 0:
+                continue  # a shard whose every row was skipped: nothing to check, nothing to train on
             table = parquet.read_row_group(group)
             if table.schema.remove_metadata() != SCHEMA.remove_metadata():
                 raise CacheError(f"{path}: its columns are not the cache schema's ({', '.join(table.schema.names)}); rescore")

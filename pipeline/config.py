@@ -226,6 +226,11 @@ class TrainConfig:
         unknown = [t for t in self.trackers() if t not in get_args(Tracker)]
         if unknown:
             raise ConfigError(f"--report-to {','.join(unknown)} is not a tracker; choose from {', '.join(get_args(Tracker))}")
+        if len(self.adam_betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ConfigError(f"--adam-betas must be two numbers in [0, 1), e.g. 0.9,0.999; got {self.adam_betas}")
+        for name in ("seed", "save_every", "eval_every", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 0; got {getattr(self, name)}")
         if self.min_lr_ratio and self.schedule != "cosine_with_min_lr":
             raise ConfigError(f"--min-lr-ratio applies to --schedule cosine_with_min_lr only; got --schedule {self.schedule}")
         if self.zero_stage not in (0, 1, 2, 3):

@@ -4,6 +4,10 @@ the CLI prints it and exits with status 2. Anything else that escapes is a bug (
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 
 class SelpipeError(ValueError):
     """Base of every user-fixable error."""
@@ -53,16 +57,28 @@ class StorageError(SelpipeError):
     """A file system refusal (full disk, read-only, permissions) the user can fix."""
 
 
-def storage_error(err: OSError | RuntimeError, action: str) -> StorageError | None:
-    """The one-line error for a storage failure, or None if `err` is not one.
+@contextmanager
+def storage_errors(action: str, path: str | Path | None = None,
+                   error: type[SelpipeError] = StorageError) -> Iterator[None]:
+    """Turn a storage failure inside the block (full disk, read-only, permissions, a file where a
+    directory should be) into one line naming the path, `action` and the fix.
 
-    torch.save reports a failed write as a RuntimeError from its zip writer, not an OSError.
+    torch.save reports a failed write as a RuntimeError from its zip writer (inline_container.cc:
+    "file write failed", or "unexpected pos N vs M" after a short write), not as an OSError.
     """
-    if isinstance(err, OSError):
-        return StorageError(os_error_message(err, action))
-    # torch's zip writer (inline_container.cc) fails on a full disk with "file write failed" or
-    # "unexpected pos N vs M" (a short write).
-    if "PytorchStreamWriter" in str(err) or "inline_container" in str(err):
-        return StorageError(f"cannot {action}: a checkpoint write failed ({str(err).splitlines()[0][:200]}); "
-                            f"check free space and permissions of the output")
-    return None
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None and path is not None:
+            err.filename = str(path)
+        raise error(os_error_message(err, action)) from None
+    except RuntimeError as err:
+        if "PytorchStreamWriter" not in str(err) and "inline_container" not in str(err):
+            raise
+        raise error(f"{path}: cannot {action}: a checkpoint write failed ({first_line(err)[:200]}); check free "
+                    f"space and permissions of the output") from None
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's message as one line (its type's name when it has none)."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]

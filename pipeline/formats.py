@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import BadRowError, ConfigError, InputError
+from .errors import BadRowError, ConfigError, InputError, first_line
 
 FIELDS = ("prompt", "chosen", "rejected")
 Message = dict[str, Any]
@@ -222,17 +222,13 @@ def _offline() -> Iterator[None]:
         datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
 
 
-def _first_line(err: BaseException) -> str:
-    return (str(err).splitlines() or [type(err).__name__])[0][:300]
-
-
 def _saved_files(path: Path, spec: str, split: str) -> tuple[DataFile, ...]:
     import datasets
 
     try:
         loaded = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError, KeyError) as err:
-        raise InputError(f"{spec}: not a directory saved by datasets.save_to_disk ({_first_line(err)})") from None
+        raise InputError(f"{spec}: not a directory saved by datasets.save_to_disk ({first_line(err)[:300]})") from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise InputError(f"{spec}: no split '{split}'; it has {', '.join(loaded)} (use --split)")
@@ -249,7 +245,7 @@ def _folder_files(path: Path, source: str, config: str | None, split: str, separ
         with _offline():
             builder = datasets.load_dataset_builder(str(path), name=config)
     except (ValueError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as err:
-        raise InputError(f"{source}: datasets cannot read this folder ({_first_line(err)})") from None
+        raise InputError(f"{source}: datasets cannot read this folder ({first_line(err)[:300]})") from None
     data_files = builder.config.data_files or {}
     if split not in data_files:
         subset = f" of subset '{builder.config.name}'" if config else ""
@@ -279,7 +275,7 @@ def _hub_files(name: str, config: str | None, split: str) -> InputSource:
         with _offline():
             loaded = datasets.load_dataset(name, config, split=split)
     except (ConnectionError, FileNotFoundError, ValueError) as err:
-        reason = _first_line(err) if not isinstance(err, ConnectionError) else "it is not in the local cache"
+        reason = first_line(err)[:300] if not isinstance(err, ConnectionError) else "it is not in the local cache"
         raise InputError(f"{name}: no such file or directory, and not a dataset the local Hugging Face cache can give "
                          f"({reason}); give a path, or download it first (`huggingface-cli download --repo-type "
                          f"dataset {name}`): selpipe reads offline") from None

@@ -42,7 +42,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("rewards/margins", "reward/margin", "pairs"),
     Metric("rewards/accuracies", "reward/correct", "pairs"),
     *_sided("logps/{side}", "logp/{side}", "pairs"),
-    # The rewards the loss uses: the same sum over the selected tokens only.
+    # The rewards the loss uses: the same sum over the selected tokens only (SimPO: its own reward).
     *_sided("selective/{side}", "selective/{side}", "pairs"),
     Metric("selective/margins", "selective/margin", "pairs"),
     Metric("selective/accuracies", "selective/correct", "pairs"),
@@ -50,6 +50,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("preference_accuracy", "reward/correct_or_half", "pairs"),
     # Plain DPO's loss on the same pairs: comparable across runs of different k, unlike `loss`.
     Metric("dpo_loss", "dpo_loss", "pairs"),
+    # The chosen response's mean negative log-likelihood: RPO's term before its weight (TRL: nll_loss).
+    Metric("nll_loss", "nll", "pairs"),
     *_sided("selected_fraction/{side}", "selected/{side}", "tokens/{side}"),
     *_sided("scores/{side}_mean", "score/{side}", "tokens/{side}"),
     # tau, the (1 - k) quantile of each response's scores, averaged over responses.
@@ -65,20 +67,23 @@ SUM_NAMES: tuple[str, ...] = tuple(dict.fromkeys([*(m.total for m in METRICS), *
 def pair_sums(*, losses: torch.Tensor, weights: torch.Tensor, beta: float,
               policy: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor], mask: dict[str, torch.Tensor],
               selected: dict[str, torch.Tensor], scores: dict[str, torch.Tensor], threshold: dict[str, torch.Tensor],
-              tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+              loss_rewards: dict[str, torch.Tensor], nll: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     """The sums one micro batch contributes, keyed by `SUM_NAMES`.
 
     Per side, `policy`, `anchor`, `mask`, `selected` and `scores` are [B, L] (completion-aligned,
-    zero-padded), `threshold` is [B]; `losses` and `weights` (1 real pair, 0 padding) are [B];
-    `tokens` counts the batch's attended positions.
+    zero-padded), `threshold` and `loss_rewards` (the rewards the loss used: `beta * sum m (p - a)`,
+    SimPO's own reward for SimPO) are [B]; `losses`, `nll` (the chosen response's mean negative
+    log-likelihood, RPO's term) and `weights` (1 real pair, 0 padding) are [B]; `tokens` counts
+    the batch's attended positions.
     """
     w = weights
-    sums: dict[str, torch.Tensor] = {"pairs": w.sum(), "loss": (losses.detach() * w).sum(), "tokens": tokens.float()}
+    sums: dict[str, torch.Tensor] = {"pairs": w.sum(), "loss": (losses.detach() * w).sum(), "tokens": tokens.float(),
+                                     "nll": (nll.detach() * w).sum()}
     reward, masked = {}, {}
     for side in SIDES:
         ratio = (policy[side].detach() - anchor[side]) * mask[side]
         reward[side] = beta * ratio.sum(1)
-        masked[side] = beta * (ratio * selected[side]).sum(1)
+        masked[side] = loss_rewards[side].detach()
         sums[f"reward/{side}"] = (reward[side] * w).sum()
         sums[f"selective/{side}"] = (masked[side] * w).sum()
         sums[f"logp/{side}"] = ((policy[side].detach() * mask[side]).sum(1) * w).sum()

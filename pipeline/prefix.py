@@ -128,7 +128,7 @@ def check_shared_prompts(model: torch.nn.Module, width: int | None = None) -> No
     layer_types = getattr(config, "layer_types", None)
     window = getattr(config, "sliding_window", None)
     windowed = any(t != "full_attention" for t in layer_types) if layer_types is not None else window is not None
-    if windowed and (width is None or width > window):
+    if windowed and (width is None or window is None or width > window):
         raise ConfigError(f"prefix sharing's 4D mask would replace {type(model).__name__}'s sliding window of {window} "
                           f"tokens{'' if width is None else f' (rows of {width} tokens)'}; turn prefix sharing off "
                           f"for this model")

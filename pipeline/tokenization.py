@@ -22,7 +22,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import BadRowError, ConfigError
+from .errors import BadRowError, ConfigError, first_line
 from .formats import RawRow
 
 
@@ -177,7 +177,7 @@ def load_tokenizer(model: str, revision: str | None = None) -> Any:
     except Exception as err:  # noqa: BLE001
         # A missing directory, a damaged tokenizer.json or config (the tokenizers library raises
         # plain Exceptions for some): all the user's to fix.
-        first = (str(err).splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         raise ConfigError(f"cannot load a tokenizer from {model!r}: give a local model directory with a readable "
                           f"tokenizer (no downloads here) ({first[:300]})") from None
 

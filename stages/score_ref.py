@@ -22,7 +22,6 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from selpipe.pipeline.cache import (
     shard_records, summarize, write_json_atomic, write_manifest, write_shard,
 )
 from selpipe.pipeline.config import ConfigError, ScoreConfig, to_dict
-from selpipe.pipeline.errors import SelpipeError, os_error_message
+from selpipe.pipeline.errors import SelpipeError, first_line, storage_errors
 from selpipe.pipeline.formats import (
     BadRowError, InputError, InputSource, Record, fingerprint_input, parse_row, read_file_records, resolve_input,
 )
@@ -131,7 +130,7 @@ def check_model(cfg: ScoreConfig) -> None:
     try:
         config = AutoConfig.from_pretrained(cfg.model, revision=cfg.revision)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"cannot load a model config from {cfg.model!r} ({str(err).splitlines()[0]})") from None
+        raise ConfigError(f"cannot load a model config from {cfg.model!r} ({first_line(err)})") from None
     context = getattr(config.get_text_config(), "max_position_embeddings", None)
     if context is None:
         return
@@ -206,6 +205,10 @@ def _claim_directory(out: Path, header: dict[str, Any]) -> str | None:
     if not path.exists() and (any(out.glob("part-*.parquet")) or any(out.glob("part-*.json"))):
         raise CacheError(f"{out} holds shards but no {HEADER}, so nothing says how they were made; "
                          f"write to a new --output (or move the shards away)")
+    # Hidden names are other workers' temporary files (a claim being made); anything else is not ours.
+    if not path.exists() and any(not p.name.startswith(".") for p in out.iterdir()):
+        raise CacheError(f"--output {out} is a directory that is neither empty nor a score cache; choose a new or "
+                         f"empty --output (selpipe will not write among files it did not create)")
     if create_exclusive(path, json.dumps(header, indent=2) + "\n"):
         return None
     existing = _read_header(path)
@@ -253,20 +256,9 @@ def _join(out: Path, header_text: str, worker: int) -> None:
                          f"before writing a shard; see its error); rerun this worker")
 
 
-@contextmanager
-def _os_errors(action: str, path: Path, error: type[SelpipeError] = CacheError) -> Iterator[None]:
-    """An OSError (disk full, read-only, a file where a directory should be) as one line naming the path."""
-    try:
-        yield
-    except OSError as err:
-        if err.filename is None:
-            err.filename = str(path)
-        raise error(os_error_message(err, action).splitlines()[0]) from None
-
-
 def _records(source: InputSource, files: list[Any]) -> Iterator[Record]:
     for file in files:
-        with _os_errors("read the input", file.path, InputError):
+        with storage_errors("read the input", file.path, InputError):
             yield from read_file_records(file, file.label if source.scoped else "")
 
 
@@ -387,7 +379,7 @@ def _load_scorer(cfg: ScoreConfig, factory: Any) -> Any:
     except SelpipeError:
         raise
     except Exception as err:  # transformers, safetensors and vLLM fail to load in their own ways: all one line
-        first = (str(err).splitlines() or [type(err).__name__])[0][:300]
+        first = first_line(err)[:300]
         raise ConfigError(f"cannot load the reference model from {cfg.model!r} ({type(err).__name__}: {first})") from None
 
 
@@ -404,13 +396,13 @@ def run_score_ref(cfg: ScoreConfig, scorer_factory=None) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     check_model(cfg)
     created = not out.exists()
-    with _os_errors("create the cache directory", out):
+    with storage_errors("create the cache directory", out, CacheError):
         out.mkdir(parents=True, exist_ok=True)
     claimed = registered = False
     try:
-        with _os_errors("read the model and the input", Path(cfg.input), InputError):
+        with storage_errors("read the model and the input", Path(cfg.input), InputError):
             header = build_header(cfg, tokenizer, _backend_version(cfg.backend), source)
-        with _os_errors("write the cache header", out / HEADER):
+        with storage_errors("write the cache header", out / HEADER, CacheError):
             joined = _claim_directory(out, header)
             claimed = joined is None
             # This worker is (re)writing shards: until it finishes, no manifest may claim the cache whole.
@@ -455,7 +447,7 @@ def _score(cfg: ScoreConfig, out: Path, source: InputSource, header: dict[str, A
             if scorer is None:
                 scorer = _load_scorer(cfg, factory)
             scored = _score_pairs(scorer, pairs) if pairs else []
-            with _os_errors("write the shard", out / shard_name(cfg.worker_index, index)):
+            with storage_errors("write the shard", out / shard_name(cfg.worker_index, index), CacheError):
                 write_shard(out, cfg.worker_index, index, scored, skipped, sum(p.truncated for p in pairs), cfg.row_group_size)
             scored_rows += len(scored)
             scored_tokens += sum(len(p.chosen_sequence) + len(p.rejected_sequence) for p in pairs)
@@ -470,7 +462,7 @@ def _score(cfg: ScoreConfig, out: Path, source: InputSource, header: dict[str, A
     # What the backend chose for itself (the hf backend's measured token budget), for the summary.
     backend_info = dict(scorer.info) if scorer is not None else {}
 
-    with _os_errors("write the worker's totals", out):
+    with storage_errors("write the worker's totals", out, CacheError):
         mine = [r for r in shard_records(out) if r.worker == cfg.worker_index]
         write_json_atomic(out / f"worker-{cfg.worker_index:05d}.done.json", {"shards": len(mine), **summarize(mine)})
         workers_done = len(list(out.glob("worker-*.done.json")))

@@ -11,6 +11,7 @@ from typing import Any, get_args
 
 import numpy as np
 
+from selpipe.pipeline.errors import first_line
 from selpipe.pipeline.cache import load_manifest, sample_rows, verify_checksums
 from selpipe.pipeline.config import ConfigError, DType
 
@@ -37,7 +38,7 @@ def verify_cache(path: str | Path, model: str, *, sample: int = 64, tolerance: f
     # transformers raises OSError for a path or weights it cannot find, ValueError for a directory that is not a model.
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot load the model {model!r}: give a local model directory "
-                          f"({str(err).splitlines()[0]})") from None
+                          f"({first_line(err)})") from None
     requests, cached, sources = [], [], []
     for row in chosen:
         for side in SIDES:

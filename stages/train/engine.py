@@ -20,7 +20,7 @@ import torch
 from selpipe.pipeline.atomic import atomic_path
 from selpipe.pipeline.batching import PairBatch
 from selpipe.pipeline.config import TrainConfig
-from selpipe.pipeline.errors import ConfigError
+from selpipe.pipeline.errors import ConfigError, first_line
 from selpipe.pipeline.logprobs import check_output_head, completion_logprobs, selective_completion_logprobs
 from selpipe.pipeline.prefix import SharedPromptBatch, check_shared_prompts, shared_prompt_logprobs
 
@@ -145,7 +145,7 @@ def load_policy(cfg: TrainConfig, ds_config: dict[str, Any], max_width: int | No
         model = AutoModelForCausalLM.from_pretrained(cfg.policy, dtype=compute_dtype(ds_config), **extra)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         # A missing or damaged weight file, an unknown architecture: the user's to fix.
-        first = (str(err).splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         raise ConfigError(f"--policy {cfg.policy}: cannot load the model ({first[:300]}); give a complete local model "
                           f"directory") from None
     model.config.use_cache = False

@@ -28,7 +28,7 @@ from typing import Any
 
 from selpipe.pipeline.atomic import atomic_path
 from selpipe.pipeline.config import ExportConfig, TrainConfig
-from selpipe.pipeline.errors import CacheError, ConfigError
+from selpipe.pipeline.errors import CacheError, ConfigError, first_line, storage_errors
 from selpipe.pipeline.tokenization import load_tokenizer
 
 from .run_dir import RunDirectory
@@ -187,7 +187,7 @@ def checkpoint_state(directory: Path, zero_stage: int, adapter_only: bool) -> di
                                                                exclude_frozen_parameters=adapter_only)
             except (FileNotFoundError, ValueError, KeyError) as err:
                 raise CacheError(f"{directory}: DeepSpeed cannot join this ZeRO-{zero_stage} checkpoint's partitions "
-                                 f"({str(err).splitlines()[0][:200]}); export another --step") from None
+                                 f"({first_line(err)[:200]}); export another --step") from None
     if not isinstance(raw, dict) or not raw or not all(isinstance(k, str) and k.startswith(PREFIX) for k in raw):
         raise CacheError(f"{directory}: holds no selpipe policy weights (names starting {PREFIX!r}); export a "
                          f"checkpoint that `selpipe train` wrote")
@@ -202,7 +202,7 @@ def _load_base(policy: str) -> Any:
         # As stored: the export keeps the policy's dtype.
         return AutoModelForCausalLM.from_pretrained(policy, dtype="auto")
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        first = (str(err).splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         raise ConfigError(f"--policy {policy}: cannot load the model ({first[:300]}); give the base model the run "
                           f"trained") from None
 
@@ -243,6 +243,6 @@ def _with_adapter(train: TrainConfig, base: Any, adapter: dict[str, Any], direct
 def _save(model: Any, tokenizer: Any, directory: Path) -> None:
     """`save_pretrained` of the model (of the adapter alone for a PeftModel) and its tokenizer,
     written beside `directory` and renamed into place, so the directory is always whole."""
-    with atomic_path(directory) as staging:
+    with storage_errors("write the exported model", directory), atomic_path(directory) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

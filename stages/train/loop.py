@@ -81,6 +81,7 @@ def forward_loss(engine: Engine, batch: PairBatch, cfg: TrainConfig, packed: Sha
         selected={"chosen": out.chosen_selected, "rejected": out.rejected_selected},
         scores={"chosen": out.chosen_scores, "rejected": out.rejected_scores},
         threshold={"chosen": out.chosen_threshold, "rejected": out.rejected_threshold},
+        loss_rewards={"chosen": out.chosen_rewards, "rejected": out.rejected_rewards}, nll=out.nll,
         tokens=batch.attention_mask.sum(),
     )
     return loss, sums, out

@@ -12,12 +12,13 @@ import torch
 
 from selpipe.pipeline.cache import TrainingCaches, cache_identity, open_training_caches
 from selpipe.pipeline.config import TrainConfig, to_dict
-from selpipe.pipeline.errors import ConfigError, storage_error
+from selpipe.pipeline.errors import ConfigError, first_line, storage_errors
 from selpipe.pipeline.stream import CacheStream
 from selpipe.pipeline.tokenization import load_tokenizer, pad_id, tokenizer_fingerprint
 
 from .engine import (
-    Comm, TrainEngine, abandon, build_engine, deepspeed_config, four_bit_config, gathered_state, load_policy,
+    Comm, TrainEngine, abandon, build_engine, compute_dtype, deepspeed_config, four_bit_config, gathered_state,
+    load_policy,
     save_pretrained, teardown,
 )
 from .export import merge_adapter
@@ -33,8 +34,7 @@ def policy_vocab_size(policy: str, tokenizer: Any) -> int:
     try:
         config = AutoConfig.from_pretrained(policy)
     except (OSError, ValueError, KeyError) as err:
-        first = (str(err).splitlines() or [type(err).__name__])[0]
-        raise ConfigError(f"--policy {policy}: cannot read the model's config ({first[:300]}); give a local model "
+        raise ConfigError(f"--policy {policy}: cannot read the model's config ({first_line(err)[:300]}); give a local model "
                           f"directory") from None
     vocab = getattr(config.get_text_config(), "vocab_size", None)
     if not isinstance(vocab, int) or vocab < len(tokenizer):
@@ -70,7 +70,7 @@ def setup(cfg: TrainConfig, comm: Comm) -> Setup:
     started = time.perf_counter()
     caches = open_training_caches(cfg.cache, cfg.anchor_scores, cfg.eval_cache, tokenizer_fingerprint(tokenizer), vocab)
     cache_check_seconds = time.perf_counter() - started
-    train_dtype = "bfloat16" if ds_config["bf16"]["enabled"] else "float32"
+    train_dtype = str(compute_dtype(ds_config)).removeprefix("torch.")
     if comm.rank == 0 and caches.train["reference"]["dtype"] != train_dtype:
         # At step 0 p - r is then precision noise, and top-k picks its extremes: a biased margin.
         warnings.warn(f"the cache was scored in {caches.train['reference']['dtype']} but the policy trains in "
@@ -110,24 +110,24 @@ def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
     rank = comm.rank
     engine: TrainEngine | None = None
     try:
-        parts = setup(cfg, comm)
-        torch.manual_seed(cfg.seed)
-        # The longest row prefix sharing packs: a prompt and two responses within the cache's limit each.
-        max_length = parts.caches.train["tokenization"].get("max_length")
-        model, peft_model, zero3_context = load_policy(cfg, parts.ds_config, 2 * max_length if max_length else None)
-        engine = build_engine(cfg, model, parts.ds_config, parts.total_steps)
-        summary = _train(cfg, parts, engine, Policy(model, peft_model, parts.tokenizer))
-    except BaseException as err:
+        with storage_errors("write the run directory", cfg.output):
+            parts = setup(cfg, comm)
+            torch.manual_seed(cfg.seed)
+            # The longest row prefix sharing packs: a prompt and two responses within the cache's limit each.
+            max_length = parts.caches.train["tokenization"].get("max_length")
+            model, peft_model, zero3_context = load_policy(cfg, parts.ds_config, 2 * max_length if max_length else None)
+            engine = build_engine(cfg, model, parts.ds_config, parts.total_steps)
+            summary = _train(cfg, parts, engine, Policy(model, peft_model, parts.tokenizer))
+    except BaseException:
         # No barrier here: another rank may never reach one.
         abandon(engine, comm)
-        converted = storage_error(err, "write the run directory") if isinstance(err, (OSError, RuntimeError)) else None
-        if converted is None:
-            raise
-        raise converted from None
+        raise
     teardown(engine, comm)
     del zero3_context  # merging below loads the base whole, outside ZeRO-3's partitioned construction
-    if cfg.merge_adapter and comm.rank == 0 and summary["model_saved"]:
-        merge_adapter(cfg.policy, Path(cfg.output) / "model", Path(cfg.output) / "model-merged")
+    if cfg.merge_adapter and rank == 0 and summary["model_saved"]:
+        merged = Path(cfg.output) / "model-merged"
+        with storage_errors("write the merged model", merged):
+            merge_adapter(cfg.policy, Path(cfg.output) / "model", merged)
     return summary if rank == 0 else None
 
 

@@ -40,7 +40,8 @@ MARKER = ".selpipe-run.json"
 RESUME_INVARIANTS = ("global_batch_size", "seed", "shuffle_window", "length_bucketing", "top_k", "loss_type", "beta",
                      "label_smoothing", "simpo_gamma", "rpo_alpha", "rpo_tokens", "max_steps", "epochs",
                      "learning_rate", "min_lr_ratio", "schedule", "warmup_steps", "weight_decay", "adam_betas",
-                     "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "load_in_4bit", "precision")
+                     "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "load_in_4bit", "precision",
+                     "zero_stage")
 
 
 @dataclass
@@ -106,6 +107,26 @@ def _logged_step(line: str) -> int | None:
         return json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):
         return None
+
+
+def refuse_changed_settings(saved: dict[str, Any], cfg: TrainConfig, identity: dict[str, str | None],
+                            world_size: int) -> None:
+    """A resume must keep what fixes the row order, the loss, the adapter and the optimizer state."""
+    config = saved["config"]
+    # A setting newer than the checkpoint had its default then.
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    changed = [f"--{k.replace('_', '-')} {config.get(k, defaults[k])!r} -> {getattr(cfg, k)!r}"
+               for k in RESUME_INVARIANTS if config.get(k, defaults[k]) != getattr(cfg, k)]
+    saved_identity = saved.get("identity") or {}
+    changed += [f"--{name.replace('_', '-')} holds other scores than the checkpoint's" for name in identity
+                if saved_identity.get(name) != identity[name]]
+    saved_world = saved.get("dp_world_size")
+    if cfg.zero_stage > 0 and saved_world is not None and saved_world != world_size:
+        # ZeRO 1-3 partition the optimizer state by rank; DeepSpeed cannot load it on another count.
+        changed.append(f"ranks {saved_world} -> {world_size} (ZeRO-{cfg.zero_stage} partitions by rank)")
+    if changed:
+        raise ConfigError(f"--resume with settings that differ from the checkpoint's ({', '.join(changed)}); "
+                          f"resume with the original settings or start a new --output")
 
 
 class RunDirectory:
@@ -202,21 +223,17 @@ class RunDirectory:
         directory = self.checkpoints / tag
         # Nothing in a checkpoint may run code when loaded; DeepSpeed's own loader unpickles freely.
         check_checkpoint_files(directory)
+        # Compare settings before DeepSpeed loads: another adapter or ZeRO layout would fail inside it.
+        states = sorted(directory.glob("*model_states.pt"))
+        saved_state = load_tensors(states[0]) if states else {}
+        if not {"step", "position", "config"} <= saved_state.keys():
+            raise CacheError(f"{directory}: holds no selpipe checkpoint state; delete it and point "
+                             f"{self.checkpoints / 'latest'} at an earlier one")
+        refuse_changed_settings(saved_state, cfg, identity, comm.world_size)
         _, client = engine.ds.load_checkpoint(str(self.checkpoints), tag=tag)
         if not isinstance(client, dict) or not {"step", "position", "config"} <= client.keys():
-            raise CacheError(f"{directory}: DeepSpeed could not load this checkpoint or it holds no selpipe state; "
-                             f"delete it and point {self.checkpoints / 'latest'} at an earlier one")
-        saved = client["config"]
-        # A setting newer than the checkpoint had its default then.
-        defaults = {f.name: f.default for f in fields(TrainConfig)}
-        changed = [f"--{k.replace('_', '-')} {saved.get(k, defaults[k])!r} -> {getattr(cfg, k)!r}"
-                   for k in RESUME_INVARIANTS if saved.get(k, defaults[k]) != getattr(cfg, k)]
-        saved_identity = client.get("identity") or {}
-        changed += [f"--{name.replace('_', '-')} holds other scores than the checkpoint's" for name in identity
-                    if saved_identity.get(name) != identity[name]]
-        if changed:
-            raise ConfigError(f"--resume with settings that differ from the checkpoint's ({', '.join(changed)}); "
-                              f"resume with the original settings or start a new --output")
+            raise CacheError(f"{directory}: DeepSpeed could not load this checkpoint; delete it and point "
+                             f"{self.checkpoints / 'latest'} at an earlier one")
         rng = directory / f"rng-rank{comm.rank}.pt"
         if rng.exists():
             states = load_tensors(rng)

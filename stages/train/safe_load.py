@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from selpipe.pipeline.errors import CacheError
+from selpipe.pipeline.errors import CacheError, first_line
 
 # Plain data classes DeepSpeed 0.15-0.19 writes into ZeRO optimizer states (measured: ZeRO 0-3,
 # fp32 and fp16 loss scaling). None has custom unpickling logic.
@@ -47,7 +47,7 @@ def load_tensors(path: Path) -> Any:
             # mmap: the check costs no second copy of a large optimizer state in memory.
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
-        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        reason = first_line(err)
         raise CacheError(f"{path}: refused to load this checkpoint file: it holds more than tensors and plain data, "
                          f"or is damaged ({reason[:200]}); delete the checkpoint directory and point "
                          f"{path.parent.parent / 'latest'} at an earlier one, or start a new --output") from None

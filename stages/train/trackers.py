@@ -4,7 +4,8 @@ Tags follow the Hugging Face Trainer, which TRL's `DPOTrainer` logs through: tra
 under `train/`, evaluation under `eval/`, so a selpipe run sits beside a TRL run on one dashboard.
 Each client reads its usual environment (`WANDB_PROJECT`, `WANDB_MODE=offline`, `WANDB_DIR`,
 `MLFLOW_TRACKING_URI`, `MLFLOW_EXPERIMENT_NAME`, ...). A resumed run continues the same W&B and
-MLflow run: their ids are kept in the run directory.
+MLflow run: their ids are kept in the run directory. After a resume W&B drops the steps it
+already holds; MLflow keeps both values of a step logged again after the checkpoint.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from selpipe.pipeline.atomic import write_json_atomic
-from selpipe.pipeline.errors import ConfigError
+from selpipe.pipeline.errors import ConfigError, first_line
 
 IDS_FILE = "trackers.json"
 
@@ -96,7 +97,8 @@ class Trackers:
 
     def __init__(self, names: list[str], output: Path, config: dict[str, Any], resume_step: int | None):
         ids_path = output / IDS_FILE
-        ids: dict[str, str] = json.loads(ids_path.read_text()) if ids_path.is_file() else {}
+        # A fresh start opens new tracker runs; only a resume continues the ones the run began.
+        ids: dict[str, str] = json.loads(ids_path.read_text()) if resume_step is not None and ids_path.is_file() else {}
         self.trackers = [self._open(name, output, config, ids, resume_step) for name in names]
         write_json_atomic(ids_path, ids)
 
@@ -107,7 +109,7 @@ class Trackers:
         except ConfigError:
             raise
         except Exception as err:  # each client has its own error types; all mean "this tracker cannot start"
-            first = (str(err).splitlines() or [type(err).__name__])[0]
+            first = first_line(err)
             raise ConfigError(f"--report-to {name}: the tracker did not start ({first[:300]}); fix its settings "
                               f"(environment variables) or drop it from --report-to") from None
 

@@ -146,3 +146,17 @@ def test_an_anchor_with_other_rows_is_refused_once_before_training(cache, demo_c
     poison(anchor, "chosen_ids", 7)
     with pytest.raises(CacheError, match=r"row group 0 holds other chosen_ids than the scoring cache"):
         check(cache, tokenizer, anchor=anchor)
+
+
+def test_a_shard_whose_every_row_was_skipped_passes(cache, tokenizer):
+    """score-ref writes a shard of 0 rows when all of its rows were skipped (e.g. --truncation skip)."""
+    manifest = json.loads((cache / "manifest.json").read_text())
+    last = manifest["shards"][-1]
+    empty = pq.read_table(cache / last["file"]).slice(0, 0)
+    pq.write_table(empty, cache / last["file"], row_group_size=4, **PARQUET_OPTIONS)
+    for key in ("rows", "prompt_tokens", "completion_tokens"):
+        manifest["totals"][key] -= last[key]
+        last[key] = 0
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    reseal(cache)
+    assert check(cache, tokenizer).train["totals"]["rows"] == 80

@@ -19,8 +19,11 @@ def two_pairs(weights=(1.0, 1.0)):
     selected = {"chosen": mask["chosen"].clone(), "rejected": t([[True, False], [True, False]])}
     scores = {"chosen": t([[1.0, 3.0], [2.0, 0.0]]), "rejected": t([[0.5, 0.0], [1.0, -1.0]])}
     threshold = {"chosen": t([1.0, 2.0]), "rejected": t([0.5, 0.0])}
+    # The loss's own rewards: beta * the selected tokens' log-ratio sums (see the golden test).
+    loss_rewards = {side: 0.5 * ((policy[side] - anchor[side]) * mask[side] * selected[side]).sum(1) for side in policy}
     return pair_sums(losses=t([0.25, 0.75]), weights=t(weights), beta=0.5, policy=policy, anchor=anchor, mask=mask,
-                     selected=selected, scores=scores, threshold=threshold, tokens=t(9))
+                     selected=selected, scores=scores, threshold=threshold, loss_rewards=loss_rewards,
+                     nll=t([1.5, 3.0]), tokens=t(9))
 
 
 def test_golden_metrics_of_two_pairs():
@@ -43,7 +46,7 @@ def test_golden_metrics_of_two_pairs():
     dpo = (-math.log(1 / (1 + math.exp(-0.75))) - math.log(1 / (1 + math.exp(0.5)))) / 2
     assert metrics["dpo_loss"] == pytest.approx(dpo)
     assert metrics["scores/chosen_mean"] == pytest.approx(6 / 3) and metrics["scores/chosen_threshold"] == pytest.approx(1.5)
-    assert (metrics["pairs"], metrics["tokens"]) == (2.0, 9.0)
+    assert (metrics["pairs"], metrics["tokens"]) == (2.0, 9.0) and metrics["nll_loss"] == pytest.approx(2.25)
 
 
 def test_a_padding_pair_of_weight_zero_counts_nowhere():

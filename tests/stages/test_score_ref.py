@@ -295,6 +295,17 @@ def test_an_output_the_input_would_read_is_refused(tmp_path, score_config, demo_
     assert run_score_ref(score_config(tmp_path / "*.jsonl", tmp_path / "out"))["shards_resumed"] == 1
 
 
+def test_an_output_that_is_someone_elses_directory_is_refused_untouched(tmp_path, score_config, demo_rows):
+    theirs = tmp_path / "project"
+    theirs.mkdir()
+    (theirs / "manifest.json").write_text('{"mine": true}')
+    rows = write_jsonl(tmp_path / "rows.jsonl", demo_rows[:4])
+    with pytest.raises(CacheError, match=r"--output .*project is a directory that is neither empty nor a score cache"):
+        run_score_ref(score_config(rows, theirs))
+    assert sorted(p.name for p in theirs.iterdir()) == ["manifest.json"]
+    assert (theirs / "manifest.json").read_text() == '{"mine": true}'
+
+
 def test_disk_full_is_one_line_and_leaves_no_temporary_file(tmp_path, score_config, demo_rows, monkeypatch):
     import errno
 

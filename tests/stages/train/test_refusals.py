@@ -153,3 +153,14 @@ def test_a_full_disk_is_one_line(demo_cache, policy, small_filesystem):
 def test_a_read_only_output_is_one_line(demo_cache, policy, small_filesystem):
     output = small_filesystem("ro") / "run"
     assert_refused(train(demo_cache, policy, output, "--max-steps", "1"), f"{output}", "read-only")
+
+
+def test_a_resume_with_another_adapter_or_zero_stage_is_refused_before_deepspeed_loads(demo_cache, policy, tmp_path):
+    run = tmp_path / "run"
+    common = ("--max-steps", "3", "--save-every", "1", "--no-save-model", "--report-to", "none")
+    first = train(demo_cache, policy, run, *common)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run / "checkpoints" / "latest").write_text("step-2\n")  # as if killed after step 2
+    assert_refused(train(demo_cache, policy, run, *common, "--resume", "--lora-rank", "4"),
+                   "--resume with settings that differ from the checkpoint's (--lora-rank 0 -> 4)")
+    assert_refused(train(demo_cache, policy, run, *common, "--resume", "--zero-stage", "2"), "--zero-stage 0 -> 2")

@@ -91,3 +91,13 @@ def test_mlflow_file_store_reads_back_and_a_resume_continues_the_run(tmp_path, m
     resumed.log(4, {"loss": 0.2})
     resumed.close()
     assert len(client.get_metric_history(run_id, "train/loss")) == 4
+
+
+def test_a_fresh_start_opens_a_new_tracker_run(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    log_three_steps(["mlflow"], tmp_path)
+    first = json.loads((tmp_path / "trackers.json").read_text())["mlflow"]
+    log_three_steps(["mlflow"], tmp_path)  # a run killed before its first checkpoint, started again
+    assert json.loads((tmp_path / "trackers.json").read_text())["mlflow"] != first
