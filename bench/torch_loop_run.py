@@ -10,7 +10,7 @@ torch AdamW with a cosine decay), fp32, one process. What it leaves out is every
 trainer adds around the math: DeepSpeed, the stream, metrics, logging, checkpoints. The
 gap between it and `selpipe train` is therefore the trainer's overhead.
 
-The three levers of issue 11 run here from the pure functions, before the trainer has its flags:
+The three levers run here from the pure functions, as `selpipe train` runs them under its flags:
 `--length-sorted-micro-batches` (`order_for_micro_batches`), `--selective-head`
 (`selective_completion_logprobs` with `top_k_selector`), `--prefix-sharing` (`pack_pairs` +
 `shared_prompt_logprobs`). Writes {"step_seconds", "step_tokens", "pairs_per_step", ...} as

@@ -8,6 +8,8 @@ alignment scores -> top-k mask -> masked loss -> DeepSpeed step.
     safe_load.py  checkpoint files are read only if loading them cannot run code
     loop.py       `fit`: one loop, one eval condition, one save condition; the step's loss and metrics
     evaluate.py   evaluation on a held-out cache
+    trackers.py   --report-to: TensorBoard, W&B, MLflow
+    export.py     Hugging Face models out of a run (`selpipe export`, --merge-adapter)
     run.py        `run_train(cfg)`: setup, fit, finish
 
 Launch with one process (no launcher needed), or with `torchrun`/`deepspeed` for several

@@ -57,7 +57,9 @@ class Setup:
 
 
 def setup(cfg: TrainConfig, comm: Comm) -> Setup:
-    """Everything that can refuse the run, before anything is written."""
+    """Checks of the settings, the output and every cache, before anything is written; then the claim.
+    (A model that cannot load is refused after the claim: the run directory then holds only its
+    marker, and a corrected rerun into it is accepted.)"""
     check_output(cfg)
     ds_config = deepspeed_config(cfg, comm.world_size)
     if cfg.load_in_4bit:
