@@ -526,15 +526,16 @@ def write_report(settings: Settings, docs: Path, command: str, models: dict[str,
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "reproduce", help="working directory (models, caches, runs)")
-    parser.add_argument("--docs", type=Path, default=ROOT / "docs", help="where results.md and img/ go")
+    # Relative defaults (run from the repository root): pages and summaries then name the paths as given.
+    parser.add_argument("--runs", type=Path, default=Path("runs") / "reproduce", help="working directory (models, caches, runs)")
+    parser.add_argument("--docs", type=Path, default=Path("docs"), help="where results.md and img/ go")
     parser.add_argument("--smoke", action="store_true", help="tiny settings: checks the pipeline, not the outcome")
     parser.add_argument("--no-screenshot", action="store_true", help="skip the Chromium screenshot")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads here and in every `selpipe train` (more than the free cores thrash)")
     args = parser.parse_args(argv)
     settings = SMOKE if args.smoke else FULL
-    runs, docs = args.runs.resolve(), args.docs.resolve()
+    runs, docs = args.runs, args.docs
     command = "python bench/reproduce.py" + (" --smoke" if args.smoke else "") + \
         (f" --threads {args.threads}" if args.threads != 1 else "")
     torch.set_num_threads(args.threads)

@@ -14,7 +14,7 @@ same pairs), and `length_bucketed_order` goes one step further for the stream's 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,12 @@ import torch
 from .cache import CacheError
 from .logprobs import completion_target_mask, pad_sequences, to_padded
 from .selection import alignment_scores, top_k_mask
+
+
+def tensors_to(batch: Any, device: torch.device | str) -> Any:
+    """A copy of a dataclass of tensors (and plain values) with every tensor on `device`."""
+    return replace(batch, **{f.name: getattr(batch, f.name).to(device) for f in fields(batch)
+                             if isinstance(getattr(batch, f.name), torch.Tensor)})
 
 
 @dataclass
@@ -41,11 +47,7 @@ class PairBatch:
         return self.weights.shape[0]
 
     def to(self, device: torch.device | str) -> PairBatch:
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name, value in moved.items():
-            if isinstance(value, torch.Tensor):
-                moved[name] = value.to(device)
-        return PairBatch(**moved)
+        return tensors_to(self, device)
 
 
 def collate_pairs(rows: list[dict[str, Any]], pad_id: int = 0, weights: list[float] | None = None) -> PairBatch:

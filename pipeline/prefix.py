@@ -28,11 +28,12 @@ unshared path instead.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .batching import tensors_to
 from .errors import ConfigError
 from .logprobs import logprobs_from_hidden, output_head, selective_logprobs_from_hidden
 
@@ -50,11 +51,7 @@ class SharedPromptBatch:
     completion_lengths: list[int]    # tokens of each completion, in output order
 
     def to(self, device: torch.device | str) -> SharedPromptBatch:
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name, value in moved.items():
-            if isinstance(value, torch.Tensor):
-                moved[name] = value.to(device)
-        return SharedPromptBatch(**moved)
+        return tensors_to(self, device)
 
 
 def pack_shared_prompts(

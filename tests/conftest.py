@@ -83,3 +83,20 @@ def demo_cache(tmp_path_factory, score_config):
     rows = write_jsonl(root / "train.jsonl", demo.generate_pairs(96, seed=5, id_prefix="c"))
     run_score_ref(score_config(rows, root / "cache"))
     return root / "cache"
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """Every file below `directory` and its sha256: equal before and after means byte-identical."""
+    import hashlib
+
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def assert_refused(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A user-fixable error: exit 2, no traceback, one last line `error: ...` holding every fragment."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and lines[-1].startswith("error: "), result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]

@@ -3,7 +3,6 @@ the Hugging Face model the run would have saved at that step."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pathlib
@@ -17,7 +16,7 @@ from selpipe.pipeline.config import ExportConfig
 from selpipe.pipeline.errors import CacheError, ConfigError
 from selpipe.stages.train.export import best_step, export_checkpoint
 
-from ...conftest import BIN, REPO, demo, run_cli
+from ...conftest import BIN, REPO, assert_refused, demo, run_cli, snapshot
 
 SETTINGS = ("--max-steps", "2", "--save-every", "1", "--global-batch-size", "8", "--micro-batch-size", "4",
             "--learning-rate", "1e-3", "--beta", "0.1")
@@ -56,19 +55,6 @@ def logits(directory) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     with torch.no_grad():
         return model(input_ids=BATCH).logits
-
-
-def snapshot(directory) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-def assert_refused(result, *fragments):
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr and lines[-1].startswith("error: "), result.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in lines[-1], lines[-1]
 
 
 @pytest.fixture(scope="module")

@@ -3,32 +3,18 @@ and the files it would have touched are byte-identical afterwards."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 
-from ...conftest import run_cli
-
-
-def snapshot(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+from ...conftest import assert_refused, run_cli, snapshot
 
 
 def train(cache, policy, output, *extra):
     return run_cli("train", "--cache", cache, "--policy", policy, "--output", output, "--no-progress",
                    "--global-batch-size", "8", "--micro-batch-size", "4", *extra, check=False, timeout=300)
-
-
-def assert_refused(result, *fragments):
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr and lines[-1].startswith("error: "), result.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in lines[-1], lines[-1]
 
 
 @pytest.fixture
