@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/plots.py
 
-Writes docs/img/memory_vs_seqlen.png, docs/img/train_throughput.png and docs/img/cache_size.png
-for whichever result files exist.
+Writes docs/img/memory_vs_seqlen.png, docs/img/train_throughput.png, docs/img/cache_size.png,
+docs/img/train_throughput_realistic.png and docs/img/lever_ablation.png for whichever result
+files exist.
 """
 
 from __future__ import annotations
@@ -66,6 +67,49 @@ def train_plot(result: dict) -> None:
     plt.close(figure)
 
 
+SYSTEM_LABELS = {"selpipe": "selpipe train", "trl": "TRL live reference", "trl-precompute": "TRL precompute_ref_log_probs",
+                 "torch": "torch loop (ceiling)"}
+
+
+def realistic_plot(result: dict) -> None:
+    """The four systems at realistic lengths, per reference size."""
+    rows = [r for r in result["rows"] if r.get("system") in SYSTEM_LABELS and r.get("variant") == "defaults"]
+    cases = list(dict.fromkeys(r["reference"] for r in rows))
+    figure, axis = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(SYSTEM_LABELS)
+    for index, (system, label) in enumerate(SYSTEM_LABELS.items()):
+        rates = [next(r["pairs_per_second"] for r in rows if r["reference"] == case and r["system"] == system) for case in cases]
+        axis.bar([c + (index - 1.5) * width for c in range(len(cases))], rates, width=width, label=label)
+    axis.set_xticks(range(len(cases)), [f"reference {case}" for case in cases])
+    axis.set(ylabel="pairs/s (median step)", title="Training at UltraFeedback-like lengths (CPU, fp32)")
+    axis.legend(fontsize=8)
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(IMG_DIR / "train_throughput_realistic.png", dpi=110)
+    plt.close(figure)
+
+
+def ablation_plot(result: dict) -> None:
+    """Each lever alone and together, as a ratio to no lever, for selpipe and the torch loop."""
+    rows = [r for r in result["rows"] if r.get("system") in ("selpipe", "torch") and r.get("variant") not in (None, "defaults")]
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    figure, axis = plt.subplots(figsize=(7, 4))
+    series = [(system, case) for system in ("selpipe", "torch") for case in ("same size", "8x")]
+    width = 0.8 / len(series)
+    for index, (system, case) in enumerate(series):
+        base = next(r["pairs_per_second"] for r in rows if (r["system"], r["reference"], r["variant"]) == (system, case, "none"))
+        ratios = [next(r["pairs_per_second"] for r in rows if (r["system"], r["reference"], r["variant"]) == (system, case, v)) / base
+                  for v in variants]
+        axis.bar([v + (index - 1.5) * width for v in range(len(variants))], ratios, width=width, label=f"{system}, {case}")
+    axis.axhline(1.0, color="grey", linewidth=0.8)
+    axis.set_xticks(range(len(variants)), variants)
+    axis.set(ylabel="pairs/s relative to no lever", title="Lever ablation at realistic lengths (reduced setting)")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(IMG_DIR / "lever_ablation.png", dpi=110)
+    plt.close(figure)
+
+
 def cache_plot(result: dict) -> None:
     rows = [r for r in result["rows"] if r["kind"] == "size" and "manifest" not in r["format"]]
     figure, axis = plt.subplots(figsize=(7, 3.5))
@@ -80,7 +124,9 @@ def cache_plot(result: dict) -> None:
 
 def main() -> None:
     IMG_DIR.mkdir(parents=True, exist_ok=True)
-    for name, plot in (("memory", memory_plot), ("train_throughput", train_plot), ("cache_size", cache_plot)):
+    for name, plot in (("memory", memory_plot), ("train_throughput", train_plot), ("cache_size", cache_plot),
+                       ("train_throughput_realistic", realistic_plot),
+                       ("train_throughput_realistic_ablation_reduced", ablation_plot)):
         result = load(name)
         if result is not None:
             plot(result)
