@@ -274,6 +274,14 @@ class TrainEngine:
         squares = [p.grad.detach().float().pow(2).sum() for p in self.ds.module.parameters() if p.grad is not None]
         return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
 
+    def weights_finite(self) -> bool:
+        """Whether this rank's weights (its ZeRO-3 partition, else the module's) hold no NaN or inf."""
+        for parameter in self.ds.module.parameters():
+            local = getattr(parameter, "ds_tensor", parameter)  # ZeRO-3 keeps the rank's slice there
+            if not torch.isfinite(local.detach()).all():
+                return False
+        return True
+
     def train(self) -> None:
         self.ds.train()
 

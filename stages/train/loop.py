@@ -38,6 +38,7 @@ class Engine(Protocol):
     def backward(self, loss: torch.Tensor) -> None: ...
     def lr(self) -> float: ...
     def step(self) -> float | None: ...
+    def weights_finite(self) -> bool: ...
 
 
 def micro_batches(rows: list[dict[str, Any]], cfg: TrainConfig, pad_id: int, device: torch.device,
@@ -98,6 +99,16 @@ def _check_finite(step: int, metrics: dict[str, float], grad_norm: float | None,
                                f"saved, the last checkpoint is the resume point: lower --learning-rate or check these rows")
 
 
+def _check_weights(engine: Engine, all_reduce: Callable[[torch.Tensor], None], step: int) -> None:
+    """Refuse to checkpoint weights an update made non-finite (a finite loss and gradient can still
+    overflow a weight at a huge learning rate); every rank takes part, so all agree."""
+    bad = torch.tensor([0.0 if engine.weights_finite() else 1.0], device=engine.device)
+    all_reduce(bad)
+    if bad.item():
+        raise TrainingDiverged(f"step {step}: the update left NaN or infinite weights; nothing of this step was saved, "
+                               f"the last checkpoint is the resume point: lower --learning-rate or clip gradients")
+
+
 def fit(
     *,
     engine: Engine,
@@ -130,6 +141,7 @@ def fit(
             log(state.step, history.last_eval)
         periodic_save = cfg.save_every and state.step % cfg.save_every == 0
         if state.step > 0 and (last_step or periodic_save) and state.checkpoint_step != state.step:
+            _check_weights(engine, all_reduce, state.step)
             save(state)
         if last_step:
             return state

@@ -47,6 +47,9 @@ class FakeEngine:
         self.steps += 1
         return norm
 
+    def weights_finite(self):
+        return bool(torch.isfinite(self.theta))
+
     def train(self):
         pass
 
@@ -138,3 +141,23 @@ def test_a_non_finite_loss_stops_the_run_before_any_save_naming_the_step_and_row
         fit(engine=engine, all_reduce=lambda t: None, batches=batches(), cfg=config(save_every=1), state=TrainState(),
             total_steps=10, pad_id=0, log=lambda s, m: None, save=lambda s: saved.append(s.step))
     assert saved == [1, 2]
+
+
+def test_weights_an_update_made_non_finite_are_never_checkpointed():
+    """A finite loss and gradient with an overflowing update: the save at that step is refused."""
+    engine = FakeEngine()
+    saved = []
+    original_step = engine.step
+
+    def overflowing_step():
+        norm = original_step()
+        if engine.steps == 2:
+            with torch.no_grad():
+                engine.theta.fill_(float("inf"))
+        return norm
+
+    engine.step = overflowing_step
+    with pytest.raises(TrainingDiverged, match="step 2: the update left NaN or infinite weights"):
+        fit(engine=engine, all_reduce=lambda t: None, batches=batches(), cfg=config(save_every=1), state=TrainState(),
+            total_steps=10, pad_id=0, log=lambda s, m: None, save=lambda s: saved.append(s.step))
+    assert saved == [1]
