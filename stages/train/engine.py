@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import math
 import os
 import socket
 from pathlib import Path
@@ -258,7 +259,7 @@ class TrainEngine:
             return None
         if norm is None:
             norm = self.ds.get_global_grad_norm()
-        if norm is None or (self.ds.fp16_enabled() and not torch.isfinite(torch.tensor(float(norm)))):
+        if norm is None or (self.ds.fp16_enabled() and not math.isfinite(float(norm))):
             # Under fp16 an overflow is DeepSpeed's to handle: it skips the step and lowers the loss scale.
             return None
         return float(norm)
@@ -311,27 +312,38 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, ds_config: dict[str, 
     return TrainEngine(ds_engine)
 
 
+# How the weights are named: DeepSpeed's module is `PolicyLogprobs`, which holds the causal LM as
+# `policy`; PEFT holds it as `base_model.model`.
+POLICY_PREFIX, PEFT_PREFIX = "policy.", "base_model.model."
+
+
 def gathered_state(engine: TrainEngine, rank: int) -> dict[str, torch.Tensor] | None:
     """Under ZeRO-3 the whole model's weights gathered onto rank 0 (a collective: every rank calls it),
     named as in the causal LM; None elsewhere (the model's own parameters are whole)."""
     if engine.ds.zero_optimization_stage() != 3:
         return None
     state = engine.ds._zero3_consolidated_16bit_state_dict()
-    return {k.removeprefix("policy."): v for k, v in state.items()} if rank == 0 else None
+    return {k.removeprefix(POLICY_PREFIX): v for k, v in state.items()} if rank == 0 else None
+
+
+def write_pretrained(model: Any, tokenizer: Any, directory: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """`model.save_pretrained` (with `state` as its weights, if given) and the tokenizer, written
+    beside `directory` and renamed into place, so the directory is always whole."""
+    with atomic_path(directory) as staging:
+        model.save_pretrained(staging, state_dict=state)
+        tokenizer.save_pretrained(staging)
 
 
 def save_pretrained(model: Any, peft_model: Any, tokenizer: Any, state: dict[str, torch.Tensor] | None,
                     directory: Path) -> None:
-    """`save_pretrained` of the policy (of the adapter alone with LoRA), written beside `directory`
-    and renamed into place, so the directory is always whole. `state`: gathered ZeRO-3 weights."""
-    with atomic_path(directory) as staging:
-        if peft_model is not None:
-            # PEFT names the causal LM's weights `base_model.model.<name>` and keeps the adapter's only.
-            adapter_state = {f"base_model.model.{k}": v for k, v in state.items()} if state is not None else None
-            peft_model.save_pretrained(staging, state_dict=adapter_state)
-        else:
-            model.save_pretrained(staging, state_dict=state)
-        tokenizer.save_pretrained(staging)
+    """The trained policy as a Hugging Face directory: the adapter alone with LoRA, else the model.
+    `state`: gathered ZeRO-3 weights, named as in the causal LM."""
+    if peft_model is None:
+        write_pretrained(model, tokenizer, directory, state)
+        return
+    # PEFT keeps the adapter's weights only, under its own names.
+    adapter_state = {PEFT_PREFIX + k: v for k, v in state.items()} if state is not None else None
+    write_pretrained(peft_model, tokenizer, directory, adapter_state)
 
 
 def teardown(engine: TrainEngine, comm: Comm) -> None:

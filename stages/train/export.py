@@ -26,15 +26,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from selpipe.pipeline.atomic import atomic_path
 from selpipe.pipeline.config import ExportConfig, TrainConfig
 from selpipe.pipeline.errors import CacheError, ConfigError, first_line, storage_errors
 from selpipe.pipeline.tokenization import load_tokenizer
 
+from .engine import PEFT_PREFIX, POLICY_PREFIX, add_adapter, write_pretrained
 from .run_dir import RunDirectory
-
-PREFIX = "policy."  # engine.PolicyLogprobs holds the causal LM as `policy`
-
 
 def merge_adapter(base: str, adapter: Path, directory: Path) -> None:
     """The base model with the LoRA adapter at `adapter` merged in, saved whole into `directory`."""
@@ -43,7 +40,7 @@ def merge_adapter(base: str, adapter: Path, directory: Path) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    _save(merged, AutoTokenizer.from_pretrained(adapter), directory)
+    write_pretrained(merged, AutoTokenizer.from_pretrained(adapter), directory)
 
 
 def export_checkpoint(cfg: ExportConfig) -> dict[str, Any]:
@@ -65,11 +62,12 @@ def export_checkpoint(cfg: ExportConfig) -> dict[str, Any]:
     if train.lora_rank:
         model = _with_adapter(train, base, state, directory)
         kind = "merged" if cfg.merge else "adapter"
-        _save(model.merge_and_unload() if cfg.merge else model, tokenizer, Path(cfg.output))
+        exported = model.merge_and_unload() if cfg.merge else model
     else:
         _load_exactly(base, state, set(base.state_dict()), directory, train.policy)
-        kind = "model"
-        _save(base, tokenizer, Path(cfg.output))
+        kind, exported = "model", base
+    with storage_errors("write the exported model", cfg.output):
+        write_pretrained(exported, tokenizer, Path(cfg.output))
     summary: dict[str, Any] = {"run": str(run), "step": step, "output": cfg.output, "kind": kind,
                                "policy": train.policy, "zero_stage": stage}
     if value is not None:
@@ -117,12 +115,12 @@ def _check_output(output: Path) -> None:
 def checkpoint_steps(run: Path) -> list[int]:
     """The steps of the run's complete checkpoints: those up to the one `latest` names (a later
     step-N directory is what a kill during its save left behind)."""
-    latest = RunDirectory(run, rank=0).latest_checkpoint()
+    directory = RunDirectory(run, rank=0)
+    latest = directory.latest_checkpoint()
     if latest is None:
         return []
-    newest = int(latest[5:])
-    found = (p.name[5:] for p in (run / "checkpoints").glob("step-*") if p.is_dir())
-    return sorted(int(n) for n in found if n.isdigit() and int(n) <= newest)
+    steps = (int(p.name[5:]) for p in directory.step_directories())
+    return [step for step in steps if step <= int(latest[5:])]
 
 
 def _choose_step(cfg: ExportConfig, run: Path, steps: list[int]) -> tuple[int, float | None]:
@@ -188,10 +186,11 @@ def checkpoint_state(directory: Path, zero_stage: int, adapter_only: bool) -> di
             except (FileNotFoundError, ValueError, KeyError) as err:
                 raise CacheError(f"{directory}: DeepSpeed cannot join this ZeRO-{zero_stage} checkpoint's partitions "
                                  f"({first_line(err)[:200]}); export another --step") from None
-    if not isinstance(raw, dict) or not raw or not all(isinstance(k, str) and k.startswith(PREFIX) for k in raw):
-        raise CacheError(f"{directory}: holds no selpipe policy weights (names starting {PREFIX!r}); export a "
+    if not isinstance(raw, dict) or not raw or \
+            not all(isinstance(k, str) and k.startswith(POLICY_PREFIX) for k in raw):
+        raise CacheError(f"{directory}: holds no selpipe policy weights (names starting {POLICY_PREFIX!r}); export a "
                          f"checkpoint that `selpipe train` wrote")
-    state = {k.removeprefix(PREFIX): v for k, v in raw.items()}
+    state = {k.removeprefix(POLICY_PREFIX): v for k, v in raw.items()}
     return {k: v for k, v in state.items() if "lora_" in k} if adapter_only else state
 
 
@@ -230,19 +229,9 @@ def _load_exactly(module: Any, state: dict[str, Any], expected: set[str], direct
 
 def _with_adapter(train: TrainConfig, base: Any, adapter: dict[str, Any], directory: Path) -> Any:
     """`base` with the run's LoRA adapter (built as training built it) holding the checkpoint's adapter weights."""
-    from .engine import add_adapter
 
     # The same LoraConfig as in training; the base loads as stored (a QLoRA adapter merges into the full base).
     peft_model = add_adapter(dataclasses.replace(train, load_in_4bit=False, gradient_checkpointing=False), base)
-    # PEFT names the causal LM `base_model.model` (as engine.save_pretrained maps them).
-    named = {f"base_model.model.{k}": v for k, v in adapter.items()}
+    named = {PEFT_PREFIX + k: v for k, v in adapter.items()}
     _load_exactly(peft_model, named, {k for k in peft_model.state_dict() if "lora_" in k}, directory, train.policy)
     return peft_model
-
-
-def _save(model: Any, tokenizer: Any, directory: Path) -> None:
-    """`save_pretrained` of the model (of the adapter alone for a PeftModel) and its tokenizer,
-    written beside `directory` and renamed into place, so the directory is always whole."""
-    with storage_errors("write the exported model", directory), atomic_path(directory) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)

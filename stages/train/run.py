@@ -18,8 +18,7 @@ from selpipe.pipeline.tokenization import load_tokenizer, pad_id, tokenizer_fing
 
 from .engine import (
     Comm, TrainEngine, abandon, build_engine, compute_dtype, deepspeed_config, four_bit_config, gathered_state,
-    load_policy,
-    save_pretrained, teardown,
+    load_policy, save_pretrained, teardown,
 )
 from .export import merge_adapter
 from .evaluate import Evaluator

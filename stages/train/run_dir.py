@@ -186,7 +186,8 @@ class RunDirectory:
                              f"step-N directories beside it, or start a new --output")
         return tag
 
-    def _step_directories(self) -> list[Path]:
+    def step_directories(self) -> list[Path]:
+        """The run's step-N checkpoint directories, oldest first (complete or not: see `latest`)."""
         return sorted((p for p in self.checkpoints.glob("step-*") if p.is_dir() and p.name[5:].isdigit()),
                       key=lambda p: int(p.name[5:]))
 
@@ -207,7 +208,7 @@ class RunDirectory:
         if self.rank == 0:
             # Only now is the checkpoint whole on every rank: point `latest` at it, drop old ones.
             write_text_atomic(self.checkpoints / "latest", tag + "\n")
-            tags = self._step_directories()
+            tags = self.step_directories()
             # Later steps than this one are leftovers of a killed run (never pointed to by `latest`).
             leftovers = [p for p in tags if int(p.name[5:]) > state.step]
             kept = [p for p in tags if int(p.name[5:]) <= state.step]
