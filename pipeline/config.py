@@ -88,9 +88,11 @@ class ScoreConfig:
                                                      "Slurm tasks or torchrun, whose LOCAL_RANK picks the GPU.")
     shard_size: int = setting(4096, "Input rows per shard (the unit of restart).", identity=True)
     row_group_size: int = setting(256, "Rows per Parquet row group (the unit of streaming).", identity=True)
-    token_budget: int | Literal["auto"] = setting("auto", "hf backend: most padded tokens in one forward batch; `auto` "
+    token_budget: int | Literal["auto"] = setting(16384, "hf backend: most padded tokens in one forward batch; `auto` "
                                                           "times doubling budgets at start-up and takes the smallest "
-                                                          "within 5% of the fastest (reported in the summary).")
+                                                          "within 5% of the fastest (reported in the summary; the "
+                                                          "batching then depends on the timing, so log-probs may "
+                                                          "differ between runs in the last bits).")
     share_prompts: bool = setting(False, "hf backend: score each distinct prompt once for all its completions (same "
                                          "log-probs; faster when prompts are long).")
     logprob_chunk: int = setting(256, "Completion positions per log-softmax chunk: the fp32 buffer is chunk x vocab x 4 bytes.")
