@@ -295,28 +295,66 @@ def fingerprint_input(source: InputSource) -> str:
     return digest.hexdigest()
 
 
-def _jsonl_records(file: DataFile, scope: str, lines: Iterable[bytes]) -> Iterator[Record]:
+@dataclass(frozen=True)
+class OversizedLine:
+    """A line longer than the bound, skipped unread: only its length was counted."""
+
+    size: int
+    limit: int
+
+
+def _decode_row(source: str, row: int, line: bytes) -> dict[str, Any] | BadRowError:
+    """One JSON Lines row's object, or the BadRowError saying why it is none."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return BadRowError(source, row, None, "invalid_utf8", f"invalid UTF-8 at byte {err.start}")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        return BadRowError(source, row, None, "invalid_json", f"not valid JSON ({err.msg})")
+    except RecursionError:  # the decoder recurses once per level of nesting
+        return BadRowError(source, row, None, "too_deep", f"lists and objects nest more than {MAX_NESTING} levels deep; "
+                           f"no preference row does")
+    if not isinstance(value, dict):
+        return BadRowError(source, row, None, "not_an_object", "expected a JSON object")
+    return value
+
+
+def _jsonl_records(file: DataFile, scope: str, lines: Iterable[bytes | OversizedLine]) -> Iterator[Record]:
     source = file.source
     for position, line in enumerate(lines):
         row = position + 1
+        if isinstance(line, OversizedLine):
+            yield Record(position, None, BadRowError(
+                source, row, None, "row_too_large", f"the row is {line.size:,} bytes, over --max-row-bytes "
+                f"{line.limit:,}; it was not parsed (raise --max-row-bytes to score it)"), source, scope)
+            continue
         if position == 0 and line.startswith(BOM):
             line = line[len(BOM):]  # editors on Windows write one; it is no part of the data
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as err:
-            yield Record(position, None, BadRowError(source, row, None, "invalid_utf8", f"invalid UTF-8 at byte {err.start}"), source, scope)
-            continue
-        if not text.strip():
+        if not line.strip():
             continue  # a blank line holds no row: nothing is lost by passing it
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as err:
-            yield Record(position, None, BadRowError(source, row, None, "invalid_json", f"not valid JSON ({err.msg})"), source, scope)
+        value = _decode_row(source, row, line)
+        if isinstance(value, BadRowError):
+            yield Record(position, None, value, source, scope)
+        else:
+            yield Record(position, value, None, source, scope)
+
+
+def _bounded_lines(handle: Any, limit: int | None) -> Iterator[bytes | OversizedLine]:
+    """The file's lines (split on LF, newline kept), none held longer than `limit` bytes: a longer
+    line is read past in blocks and stands as an `OversizedLine`, so memory stays bounded."""
+    if limit is None:
+        yield from handle
+        return
+    while line := handle.readline(limit + 1):
+        if len(line) <= limit or line.endswith(b"\n"):
+            yield line
             continue
-        if not isinstance(value, dict):
-            yield Record(position, None, BadRowError(source, row, None, "not_an_object", "expected a JSON object"), source, scope)
-            continue
-        yield Record(position, value, None, source, scope)
+        size = len(line)
+        while not line.endswith(b"\n") and (line := handle.readline(1 << 20)):
+            size += len(line)
+        yield OversizedLine(size - line.endswith(b"\n"), limit)
 
 
 def _zstd_blocks(path: Path, handle: Any) -> Iterator[bytes]:
@@ -346,20 +384,33 @@ def _zstd_blocks(path: Path, handle: Any) -> Iterator[bytes]:
         raise InputError(f"{path}: truncated zstd stream: the file ends inside a frame, so its last rows are missing")
 
 
-def _split_lines(blocks: Iterable[bytes]) -> Iterator[bytes]:
-    """Lines, newline kept, across block boundaries; split on LF only, as iterating a binary file is."""
-    pending = bytearray()
+def _split_lines(blocks: Iterable[bytes], limit: int | None = None) -> Iterator[bytes | OversizedLine]:
+    """Lines, newline kept, across block boundaries; split on LF only, as iterating a binary file is.
+    A line over `limit` bytes is not kept: it stands as an `OversizedLine` (see `_bounded_lines`)."""
+    pending, oversized = bytearray(), 0  # `oversized`: bytes of a line over the limit, counted, not kept
     for block in blocks:
-        end = block.rfind(b"\n")
-        if end < 0:
-            pending += block
-            continue
-        pending += block[:end]
-        for line in pending.split(b"\n"):
-            yield bytes(line) + b"\n"
-        pending = bytearray(block[end + 1:])
-    if pending:
-        yield bytes(pending)
+        start = 0
+        while (end := block.find(b"\n", start)) >= 0:
+            yield _line_of(pending, oversized, block[start:end], limit)
+            pending, oversized, start = bytearray(), 0, end + 1
+        pending, oversized = _extend(pending, oversized, block[start:], limit)
+    if pending or oversized:
+        line = _line_of(pending, oversized, b"", limit)
+        yield line if isinstance(line, OversizedLine) else line[:-1]
+
+
+def _extend(pending: bytearray, oversized: int, piece: bytes, limit: int | None) -> tuple[bytearray, int]:
+    if oversized or (limit is not None and len(pending) + len(piece) > limit):
+        return bytearray(), oversized + len(pending) + len(piece)
+    pending += piece
+    return pending, 0
+
+
+def _line_of(pending: bytearray, oversized: int, tail: bytes, limit: int | None) -> bytes | OversizedLine:
+    pending, oversized = _extend(pending, oversized, tail, limit)
+    if oversized:
+        return OversizedLine(oversized, limit or 0)
+    return bytes(pending) + b"\n"
 
 
 def _first_char(path: Path) -> bytes:
@@ -377,6 +428,9 @@ def _json_array_records(file: DataFile, scope: str) -> Iterator[Record]:
         raise InputError(f"{file.source}: invalid UTF-8 at byte {err.start}") from None
     except json.JSONDecodeError as err:
         raise InputError(f"{file.source}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    except RecursionError:
+        raise InputError(f"{file.source}: its JSON nests too deep to read (no preference data set does); give one "
+                         f"row object per line, so a bad row is one row") from None
     for position, item in enumerate(value):
         if isinstance(item, dict):
             yield Record(position, item, None, file.source, scope)
@@ -390,13 +444,14 @@ def _one_object(file: DataFile) -> list[str] | None:
     """The keys of a file that holds one JSON object (not rows), else None."""
     try:
         value = json.loads(file.path.read_bytes().removeprefix(BOM))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
     return sorted(value) if isinstance(value, dict) else None
 
 
-def read_file_records(file: DataFile, scope: str = "") -> Iterator[Record]:
-    """Yield every record of one file in file order."""
+def read_file_records(file: DataFile, scope: str = "", max_row_bytes: int | None = None) -> Iterator[Record]:
+    """Yield every record of one file in file order. A JSON Lines row (plain or zstd) over
+    `max_row_bytes` is a bad row `row_too_large`, skipped unread (None: no bound)."""
     path = file.path
     if not path.exists():
         raise InputError(f"{file.source}: input does not exist")
@@ -409,7 +464,7 @@ def read_file_records(file: DataFile, scope: str = "") -> Iterator[Record]:
             yield from _json_array_records(file, scope)
             return
         with open(path, "rb") as handle:
-            records = _jsonl_records(file, scope, handle)
+            records = _jsonl_records(file, scope, _bounded_lines(handle, max_row_bytes))
             for record in records:
                 if record.position == 0 and record.error is not None and record.error.reason == "invalid_json":
                     keys = _one_object(file)
@@ -422,7 +477,7 @@ def read_file_records(file: DataFile, scope: str = "") -> Iterator[Record]:
             if handle.read(4) != b"\x28\xb5\x2f\xfd":
                 raise InputError(f"{file.source}: the suffix says .zst but the file is not zstd-compressed")
             handle.seek(0)
-            yield from _jsonl_records(file, scope, _split_lines(_zstd_blocks(path, handle)))
+            yield from _jsonl_records(file, scope, _split_lines(_zstd_blocks(path, handle), max_row_bytes))
     elif file.kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -460,12 +515,12 @@ def _batch_records(file: DataFile, scope: str, batches: Iterable[Any]) -> Iterat
             position += 1
 
 
-def read_records(source: InputSource | str | Path, split: str = "train") -> Iterator[Record]:
+def read_records(source: InputSource | str | Path, split: str = "train", max_row_bytes: int | None = None) -> Iterator[Record]:
     """Yield every record of the input, file after file, each in file order."""
     if not isinstance(source, InputSource):
         source = resolve_input(str(source), split=split)
     for file in source.files:
-        yield from read_file_records(file, file.label if source.scoped else "")
+        yield from read_file_records(file, file.label if source.scoped else "", max_row_bytes)
 
 
 def _check_text(source: str, row: int, field: str, text: str, row_id: str | None, where: str = "") -> str:
@@ -572,71 +627,117 @@ def _tools(source: str, row: int, value: Any, row_id: str) -> list[Any] | None:
     return tools
 
 
+# Deeper than any chat row or tool schema nests; deeper rows are refused before anything recurses into them.
+MAX_NESTING = 64
+
+
+def _nesting_depth(value: Any, limit: int) -> int:
+    """How deep lists and objects nest in `value`, counted without recursion and up to `limit + 1`."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, (dict, list)):
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def parse_row(record: Record) -> RawRow:
     """Validate one record into a RawRow, or raise BadRowError naming the field."""
     if record.error is not None:
         raise record.error
     source, value, row = record.source, record.value, record.position + 1
     assert value is not None
+    if _nesting_depth(value, MAX_NESTING) > MAX_NESTING:  # before anything recurses into it (ids, checks, templates)
+        given = value.get("id")
+        raise BadRowError(source, row, None, "too_deep", f"lists and objects nest more than {MAX_NESTING} levels deep; "
+                          f"no preference row does", str(given) if isinstance(given, (str, int)) else None)
+    row_id = _row_id(record)
+    fields = _read_fields(source, row, value, row_id)
+    tools = _tools(source, row, value, row_id)
+    chosen, rejected = fields["chosen"], fields["rejected"]
+    if isinstance(chosen, list) != isinstance(rejected, list):
+        raise BadRowError(source, row, "rejected", "mixed_format", "chosen and rejected must both be strings or both be message lists", row_id)
+    _cut_implicit_prompt(source, row, fields, row_id)
+    if isinstance(chosen, list):
+        _check_conversational(source, row, fields, row_id)
+    else:
+        _check_standard(source, row, fields, tools, row_id)
+    return RawRow(id=row_id, position=record.position, tools=tools, **fields)
+
+
+def _row_id(record: Record) -> str:
+    """The row's `id` (a string or an integer), else one derived from its content and position."""
+    source, value, row = record.source, record.value, record.position + 1
     raw_id = value.get("id")
     # bool is a subclass of int, but `true` is no id.
     if raw_id is not None and (isinstance(raw_id, bool) or not isinstance(raw_id, (str, int))):
         raise BadRowError(source, row, "id", "bad_id", f"expected a string or integer, got {type(raw_id).__name__}")
     if isinstance(raw_id, str):
         _check_text(source, row, "id", raw_id, None)
-    row_id = str(raw_id) if raw_id is not None else derive_id(record.position, value, record.scope)
+    return str(raw_id) if raw_id is not None else derive_id(record.position, value, record.scope)
+
+
+def _read_fields(source: str, row: int, value: dict[str, Any], row_id: str) -> dict[str, Any]:
+    """prompt (if present), chosen and rejected, each a checked string or message list."""
     fields: dict[str, Any] = {}
-    present = [name for name in FIELDS if value.get(name) is not None]
     for name in FIELDS:
-        if name not in present:
+        item = value.get(name)
+        if item is None:
             if name == "prompt":
-                continue  # implicit: the shared prefix of chosen and rejected, below
+                continue  # implicit: the shared prefix of chosen and rejected (`_cut_implicit_prompt`)
             raise BadRowError(source, row, name, "missing_field", "missing", row_id)
-        item = value[name]
         if isinstance(item, str):
             fields[name] = _check_text(source, row, name, item, row_id)
         elif isinstance(item, list):
             fields[name] = _check_messages(source, row, name, item, row_id)
         else:
             raise BadRowError(source, row, name, "wrong_type", f"expected a string or a list of messages, got {type(item).__name__}", row_id)
-    tools = _tools(source, row, value, row_id)
+    return fields
+
+
+def _cut_implicit_prompt(source: str, row: int, fields: dict[str, Any], row_id: str) -> None:
+    """TRL's maybe_extract_prompt: with no prompt, or a string prompt beside completions that both carry
+    the conversation themselves (they open with a non-assistant turn), the shared prefix is the prompt."""
     chosen, rejected = fields["chosen"], fields["rejected"]
-    if isinstance(chosen, list) != isinstance(rejected, list):
-        raise BadRowError(source, row, "rejected", "mixed_format", "chosen and rejected must both be strings or both be message lists", row_id)
-    conversational = isinstance(chosen, list)
-    # TRL's maybe_extract_prompt: with no prompt, or a string prompt beside completions that both carry
-    # the conversation themselves (they open with a non-assistant turn), the shared prefix is the prompt.
-    carried = conversational and isinstance(fields.get("prompt"), str) and all(
+    carried = isinstance(chosen, list) and isinstance(fields.get("prompt"), str) and all(
         side and side[0]["role"] != "assistant" for side in (chosen, rejected))
-    if "prompt" not in fields or carried:
-        cut = shared_prefix(chosen, rejected)
-        fields["prompt"], fields["chosen"], fields["rejected"] = chosen[:cut], chosen[cut:], rejected[cut:]
-        if not fields["prompt"]:
-            why = "no prompt given" if not carried else "chosen and rejected carry the conversation (as TRL reads them)"
-            raise BadRowError(source, row, "prompt", "empty_prompt",
-                              f"{why}, and they share no prefix to take the prompt from", row_id)
-    if conversational:
-        if isinstance(fields["prompt"], str):
-            fields["prompt"] = [{"role": "user", "content": fields["prompt"]}]
-        elif not fields["prompt"]:
-            raise BadRowError(source, row, "prompt", "empty_prompt", "empty message list", row_id)
-        for name in ("chosen", "rejected"):
-            messages = fields[name]
-            if not messages:
-                raise BadRowError(source, row, name, "empty_completion", "empty message list", row_id)
-            for index, message in enumerate(messages):
-                if message["role"] != "assistant":
-                    raise BadRowError(source, row, name, "not_assistant_turn",
-                                      f"message {index} has role {message['role']!r}: a completion holds only assistant "
-                                      f"messages (earlier turns belong in the prompt)", row_id)
-            if not any(_text(m.get("content", "")) or m.get("tool_calls") for m in messages):
-                raise BadRowError(source, row, name, "empty_completion", "assistant message is empty", row_id)
-    else:
-        if isinstance(fields["prompt"], list):
-            raise BadRowError(source, row, "prompt", "mixed_format", "a message-list prompt needs message-list completions", row_id)
-        if tools is not None:
-            raise BadRowError(source, row, "tools", "bad_tools", "tools are passed to the chat template, so they need message-list rows", row_id)
-        for name in ("chosen", "rejected"):
-            if not fields[name]:
-                raise BadRowError(source, row, name, "empty_completion", "empty string", row_id)
-    return RawRow(id=row_id, position=record.position, tools=tools, **fields)
+    if "prompt" in fields and not carried:
+        return
+    cut = shared_prefix(chosen, rejected)
+    fields["prompt"], fields["chosen"], fields["rejected"] = chosen[:cut], chosen[cut:], rejected[cut:]
+    if not fields["prompt"]:
+        why = "no prompt given" if not carried else "chosen and rejected carry the conversation (as TRL reads them)"
+        raise BadRowError(source, row, "prompt", "empty_prompt",
+                          f"{why}, and they share no prefix to take the prompt from", row_id)
+
+
+def _check_conversational(source: str, row: int, fields: dict[str, Any], row_id: str) -> None:
+    if isinstance(fields["prompt"], str):
+        fields["prompt"] = [{"role": "user", "content": fields["prompt"]}]
+    elif not fields["prompt"]:
+        raise BadRowError(source, row, "prompt", "empty_prompt", "empty message list", row_id)
+    for name in ("chosen", "rejected"):
+        messages = fields[name]
+        if not messages:
+            raise BadRowError(source, row, name, "empty_completion", "empty message list", row_id)
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant":
+                raise BadRowError(source, row, name, "not_assistant_turn",
+                                  f"message {index} has role {message['role']!r}: a completion holds only assistant "
+                                  f"messages (earlier turns belong in the prompt)", row_id)
+        if not any(_text(m.get("content", "")) or m.get("tool_calls") for m in messages):
+            raise BadRowError(source, row, name, "empty_completion", "assistant message is empty", row_id)
+
+
+def _check_standard(source: str, row: int, fields: dict[str, Any], tools: list[Any] | None, row_id: str) -> None:
+    if isinstance(fields["prompt"], list):
+        raise BadRowError(source, row, "prompt", "mixed_format", "a message-list prompt needs message-list completions", row_id)
+    if tools is not None:
+        raise BadRowError(source, row, "tools", "bad_tools", "tools are passed to the chat template, so they need message-list rows", row_id)
+    for name in ("chosen", "rejected"):
+        if not fields[name]:
+            raise BadRowError(source, row, name, "empty_completion", "empty string", row_id)

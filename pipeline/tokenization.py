@@ -68,16 +68,25 @@ def _chat_text(tokenizer: Any, row: RawRow, field: str, source: str, generation_
 
 def _check_parts_rendered(text: str, messages: list[dict[str, Any]], row: RawRow, field: str, source: str) -> None:
     """Content given as a list of text parts must come out as its text. A template written for string
-    content prints such a list as a Python list (or drops it), which would be scored as if said."""
+    content prints such a list as a Python list, or as JSON (or drops it), which would be scored as if
+    said. What is looked for is a part itself printed, not the words `'type': 'text'`, which a tool
+    schema or a message may well contain."""
     for index, message in enumerate(messages):
         content = message.get("content")
         if not isinstance(content, list):
             continue
         missing = [part["text"] for part in content if part["text"].strip() and part["text"].strip() not in text]
-        if missing or "'type': 'text'" in text or '"type": "text"' in text:
+        printed = [form for part in content for form in _printed_forms(part) if form in text]
+        if missing or printed:
             raise BadRowError(source, row.position + 1, field, "template_error",
                               f"the chat template does not render content given as a list of text parts (message {index}); "
                               f"give the content as a string", row.id)
+
+
+def _printed_forms(part: dict[str, Any]) -> list[str]:
+    """How a template that does not know parts prints one: Python's repr (Jinja's `{{ content }}`) or JSON (`tojson`)."""
+    forms = [repr(part), json.dumps(part), json.dumps(part, sort_keys=True), json.dumps(part, ensure_ascii=False)]
+    return list(dict.fromkeys(forms))
 
 
 def tokenize_pair(tokenizer: Any, row: RawRow, settings: TokenizationSettings, source: str = "input") -> TokenizedPair:

@@ -359,3 +359,51 @@ def test_glob_matching_is_globs_own(pattern, path, matches):
     from selpipe.pipeline.formats import _glob_matches
 
     assert _glob_matches(tuple(pattern.split("/")), tuple(path.split("/"))) is matches
+
+
+def _outcomes(records):
+    """(id or None, skip reason or None) per record, as a stage sees them."""
+    outcomes = []
+    for record in records:
+        try:
+            outcomes.append((parse_row(record).id, None))
+        except BadRowError as err:
+            outcomes.append((err.row_id, err.reason))
+    return outcomes
+
+
+@pytest.mark.parametrize("depth", [65, 5_000, 100_000])
+def test_a_row_nested_deeper_than_any_row_is_a_bad_row_not_a_recursion_error(tmp_path, depth):
+    """Nesting 65 parses as JSON (and would recurse in the checks), 100,000 defeats the JSON decoder
+    itself; either way row 2 is a bad row `too_deep` between two good rows, in order."""
+    deep = '{"id": "deep", "prompt": "p", "chosen": "c", "rejected": "r", "tools": ' + "[" * depth + "]" * depth + "}"
+    good = json.dumps(ROWS[0])
+    path = tmp_path / "deep.jsonl"
+    path.write_text(f"{good}\n{deep}\n{json.dumps(dict(ROWS[0], id='b'))}\n")
+    outcomes = _outcomes(read_records(path))
+    assert [reason for _, reason in outcomes] == [None, "too_deep", None]
+    assert outcomes[0][0] == "a" and outcomes[2][0] == "b"
+    with pytest.raises(BadRowError, match=r"deep.jsonl: row 2.*nest more than 64 levels deep"):
+        parse_row(list(read_records(path))[1])
+
+
+def test_a_row_over_max_row_bytes_is_skipped_unread_in_plain_and_zstd_files(tmp_path):
+    """Rows of 76 and 3,000,076 bytes (newline not counted), one of exactly 1,000,000 and a last one
+    with no newline, with a bound of 1,000,000: the second is a bad row `row_too_large` stating its
+    size; the others keep their row numbers (one at exactly the bound passes). The zstd reader sees
+    the same, across 64 KiB blocks."""
+    small = json.dumps(ROWS[0])
+    big = json.dumps(dict(ROWS[0], id="big", chosen="x" * 3_000_000))
+    padding = 1_000_000 - len(json.dumps(dict(ROWS[0], id="exact", chosen="")))
+    exact = json.dumps(dict(ROWS[0], id="exact", chosen="y" * padding))
+    assert len(exact.encode()) == 1_000_000
+    text = f"{small}\n{big}\n{exact}\n{json.dumps(dict(ROWS[0], id='last'))}"  # the last line has no newline
+    (tmp_path / "rows.jsonl").write_text(text)
+    (tmp_path / "rows.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(text.encode()))
+    for name in ("rows.jsonl", "rows.jsonl.zst"):
+        records = list(read_records(tmp_path / name, max_row_bytes=1_000_000))
+        assert _outcomes(records) == [("a", None), (None, "row_too_large"), ("exact", None), ("last", None)], name
+        assert str(records[1].error) == (f"{tmp_path / name}: row 2: the row is {len(big):,} bytes, over --max-row-bytes "
+                                         f"1,000,000; it was not parsed (raise --max-row-bytes to score it)")
+        assert [r.position for r in records] == [0, 1, 2, 3]
+        assert _outcomes(read_records(tmp_path / name))[1] == ("big", None)  # no bound: read whole

@@ -115,3 +115,17 @@ def test_text_parts_render_where_the_template_renders_them(tool_tokenizer, token
         tokenize_pair(tokenizer, RawRow("p", 2, parts, *answers), SETTINGS, source="in.jsonl")
     assert str(info.value) == ("in.jsonl: row 3 (id p), field 'prompt': the chat template does not render content given "
                                "as a list of text parts (message 0); give the content as a string")
+
+
+def test_tools_whose_text_says_type_text_are_not_taken_for_unrendered_parts(tool_tokenizer):
+    """A tool schema holding `"type": "text"` (JSON) and a description quoting `'type': 'text'`
+    (Python) renders those words literally; text parts beside it still render as their text, so the
+    row tokenizes exactly as the same row with string content does."""
+    tools = [{"type": "function", "function": {"name": "reply", "description": "returns [{'type': 'text', 'text': ...}]",
+                                               "parameters": {"type": "object", "properties": {"part": {"type": "text"}}}}}]
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What is 1 plus 2?"}]}]
+    plain = [{"role": "user", "content": "What is 1 plus 2?"}]
+    answers = [{"role": "assistant", "content": "3."}], [{"role": "assistant", "content": "4."}]
+    got = tokenize_pair(tool_tokenizer, RawRow("p", 0, parts, *answers, tools=tools), TokenizationSettings(1024, 512))
+    assert got == tokenize_pair(tool_tokenizer, RawRow("p", 0, plain, *answers, tools=tools), TokenizationSettings(1024, 512))
+    assert "'type': 'text'" in tool_tokenizer.decode(got.prompt_ids) and '"type": "text"' in tool_tokenizer.decode(got.prompt_ids)
