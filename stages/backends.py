@@ -14,10 +14,9 @@ from typing import Any, Protocol
 
 import torch
 
-from selpipe.pipeline.logprobs import check_output_head, completion_logprobs, completion_target_mask, pad_sequences
-from selpipe.pipeline.prefix import check_shared_prompts, pack_shared_prompts, shared_prompt_logprobs
-
-Request = tuple[list[int], int]
+from selpipe.pipeline.logprobs import check_output_head, completion_logprobs, completion_target_mask
+from selpipe.pipeline.prefix import check_shared_prompts
+from selpipe.pipeline.scoring import Request, score_requests
 
 # A doubled token budget must score this much faster to count as faster (timing noise is ~5%).
 BUDGET_GAIN = 1.05
@@ -39,22 +38,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def token_budget_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
-    """Indices grouped so each batch's padded size (rows x longest) stays within the budget.
-
-    Sorted longest first, so padding is small and the largest batch (the one most likely to run
-    out of memory) comes first.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for index in order:
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= token_budget:
-            batches[-1].append(index)
-        else:
-            batches.append([index])
-    return batches
 
 
 def token_budget_rates(
@@ -175,38 +158,9 @@ class HFScorer:
     def close(self) -> None:
         """Nothing to release: the model is an ordinary object of this process."""
 
-    @torch.inference_mode()
     def score(self, requests: list[Request]) -> list[list[float]]:
-        if self.share_prompts:
-            return self._score_shared(requests)
-        results: list[list[float]] = [[] for _ in requests]
-        for batch in token_budget_batches([len(ids) for ids, _ in requests], self.token_budget):
-            sequences = [requests[i][0] for i in batch]
-            prompt_lengths = [requests[i][1] for i in batch]
-            completion_lengths = [len(s) - p for s, p in zip(sequences, prompt_lengths)]
-            input_ids, attention_mask = pad_sequences(sequences, self.pad_id)
-            target = completion_target_mask(prompt_lengths, completion_lengths, input_ids.shape[1])
-            flat = completion_logprobs(self.model, input_ids.to(self.device), attention_mask.to(self.device),
-                                       target.to(self.device), self.chunk_size).cpu()
-            for i, piece in zip(batch, flat.split(completion_lengths)):
-                results[i] = piece.tolist()
-        return results
-
-    def _score_shared(self, requests: list[Request]) -> list[list[float]]:
-        """One packed row per distinct prompt, holding every requested completion of it."""
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for index, (ids, prompt_length) in enumerate(requests):
-            groups.setdefault(tuple(ids[:prompt_length]), []).append(index)
-        prompts, members = list(groups), list(groups.values())
-        lengths = [len(p) + sum(len(requests[i][0]) - len(p) for i in m) for p, m in zip(prompts, members)]
-        results: list[list[float]] = [[] for _ in requests]
-        for batch in token_budget_batches(lengths, self.token_budget):
-            packed = pack_shared_prompts([prompts[g] for g in batch],
-                                         [[requests[i][0][len(prompts[g]):] for i in members[g]] for g in batch], self.pad_id)
-            flat = shared_prompt_logprobs(self.model, packed.to(self.device), self.chunk_size).cpu()
-            for (row, slot), piece in zip(packed.completions, flat.split(packed.completion_lengths)):
-                results[members[batch[row]][slot]] = piece.tolist()
-        return results
+        return score_requests(self.model, requests, token_budget=self.token_budget, chunk_size=self.chunk_size,
+                              pad_id=self.pad_id, share_prompts=self.share_prompts)
 
 
 class VLLMScorer:
