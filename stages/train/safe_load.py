@@ -1,17 +1,20 @@
-"""Checkpoint files are loaded only if loading them cannot run code.
+"""Checkpoint files are loaded only if loading them cannot run code, and each is read once.
 
 DeepSpeed reads its checkpoint files with `torch.load(..., weights_only=False)`, which unpickles
-anything: a crafted file in a run directory would execute on `--resume`. So before DeepSpeed
-touches a checkpoint, every file it may load is first read with `weights_only=True`, which
-accepts only tensors, plain Python containers and numbers, and the few plain data classes
-DeepSpeed itself stores (listed below). A file that needs anything else is refused, and
-nothing in it has run.
+anything: a crafted file in a run directory would execute on `--resume`. So every file DeepSpeed
+loads is read here instead, with `weights_only=True`, which accepts only tensors, plain Python
+containers and numbers, and the few plain data classes DeepSpeed itself stores (listed below);
+DeepSpeed is handed the checked object (`checked_loading`). A file that needs anything else is
+refused, and nothing in it has run. The settings check before DeepSpeed loads shares the same
+read (`CheckedReads`), so a resume reads each checkpoint file once.
 """
 
 from __future__ import annotations
 
 import importlib
 import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +43,14 @@ def _allowed_globals() -> list[Any]:
     return found
 
 
-def load_tensors(path: Path) -> Any:
-    """`torch.load` that refuses, in one line, a file needing anything beyond tensors and plain data."""
+def load_tensors(path: str | Path, mmap: bool = True) -> Any:
+    """`torch.load` that refuses, in one line, a file needing anything beyond tensors and plain data.
+
+    `mmap`: tensors stay backed by the file (a check costs no copy in memory); pass False for
+    what is handed to DeepSpeed, whose optimizer may keep the loaded tensors as its own state."""
     try:
         with torch.serialization.safe_globals(_allowed_globals()):
-            # mmap: the check costs no second copy of a large optimizer state in memory.
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
         reason = first_line(err)
         raise CacheError(f"{path}: refused to load this checkpoint file: it holds more than tensors and plain data, "
@@ -57,3 +62,50 @@ def check_checkpoint_files(directory: Path) -> None:
     """Read every `.pt` file of a checkpoint safely (see module docstring); raise on the first refused."""
     for path in sorted(directory.rglob("*.pt")):
         load_tensors(path)
+
+
+class CheckedReads:
+    """Checkpoint files read once each, checked (`load_tensors`), and held until DeepSpeed asks
+    for them: what selpipe reads before DeepSpeed loads (its settings) costs no second read."""
+
+    def __init__(self) -> None:
+        self._held: dict[Path, Any] = {}
+
+    def read(self, path: str | Path) -> Any:
+        """The checked contents of `path`, held for the `take` that hands them over."""
+        key = Path(path).resolve()
+        if key not in self._held:
+            self._held[key] = load_tensors(key, mmap=False)
+        return self._held[key]
+
+    def take(self, path: str | Path) -> Any:
+        """The checked contents of `path` (read now unless held), no longer held here."""
+        key = Path(path).resolve()
+        return self._held.pop(key) if key in self._held else load_tensors(key, mmap=False)
+
+
+class _CheckedCheckpointEngine:
+    """DeepSpeed's checkpoint engine with `load` answered from `CheckedReads`; the rest is its own."""
+
+    def __init__(self, inner: Any, reads: CheckedReads):
+        self._inner, self._reads = inner, reads
+
+    def load(self, path: str, map_location: Any = None) -> Any:  # noqa: ARG002 (always to the CPU)
+        return self._reads.take(path)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+@contextmanager
+def checked_loading(ds_engine: Any, reads: CheckedReads) -> Iterator[None]:
+    """Inside the block, every file `ds_engine.load_checkpoint` reads goes through `reads`.
+
+    DeepSpeed reads each checkpoint file through its engine's `checkpoint_engine.load` (module and
+    client state, optimizer state, ZeRO partitions: DeepSpeed 0.15-0.19)."""
+    inner = ds_engine.checkpoint_engine
+    ds_engine.checkpoint_engine = _CheckedCheckpointEngine(inner, reads)
+    try:
+        yield
+    finally:
+        ds_engine.checkpoint_engine = inner
