@@ -4,8 +4,9 @@ Tags follow the Hugging Face Trainer, which TRL's `DPOTrainer` logs through: tra
 under `train/`, evaluation under `eval/`, so a selpipe run sits beside a TRL run on one dashboard.
 Each client reads its usual environment (`WANDB_PROJECT`, `WANDB_MODE=offline`, `WANDB_DIR`,
 `MLFLOW_TRACKING_URI`, `MLFLOW_EXPERIMENT_NAME`, ...). A resumed run continues the same W&B and
-MLflow run: their ids are kept in the run directory. After a resume W&B drops the steps it
-already holds; MLflow keeps both values of a step logged again after the checkpoint.
+MLflow run: their ids are kept in the run directory. A resumed run logs again the steps between
+its checkpoint and the kill; resume is bit-exact, so those values are the ones already logged:
+W&B drops steps below its last itself, and MLflow is told only the steps it does not hold yet.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ class MLflow:
         except ImportError:
             raise ConfigError("--report-to mlflow needs the MLflow client: pip install 'selpipe[trackers]'") from None
         self.mlflow = mlflow
-        if "mlflow" not in ids:
+        resumed = "mlflow" in ids
+        if not resumed:
             run = mlflow.start_run(run_name=output.name)
             # MLflow caps a parameter at 6,000 characters; flatten the two-level config.
             params = {f"{group}.{k}": str(v)[:500] for group, values in config.items() if isinstance(values, dict)
@@ -81,9 +83,19 @@ class MLflow:
         else:
             run = mlflow.start_run(run_id=ids["mlflow"])
         ids["mlflow"] = run.info.run_id
+        # MLflow keeps every value logged at a step, so a resume would hold each re-logged step twice.
+        self.logged_through = self._last_steps(run.info.run_id) if resumed else {}
+
+    def _last_steps(self, run_id: str) -> dict[str, int]:
+        """The last step the run holds for each metric (none for a new run)."""
+        client = self.mlflow.tracking.MlflowClient()
+        return {key: max((m.step for m in client.get_metric_history(run_id, key)), default=-1)
+                for key in client.get_run(run_id).data.metrics}
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.mlflow.log_metrics(metrics, step=step)
+        new = {key: value for key, value in metrics.items() if step > self.logged_through.get(key, -1)}
+        if new:
+            self.mlflow.log_metrics(new, step=step)
 
     def close(self) -> None:
         self.mlflow.end_run()

@@ -87,10 +87,17 @@ def test_mlflow_file_store_reads_back_and_a_resume_continues_the_run(tmp_path, m
     history = client.get_metric_history(run_id, "train/loss")
     assert sorted((m.step, round(m.value, 6)) for m in history) == [(1, 1.0), (2, 0.5), (3, 0.333333)]
     assert client.get_run(run_id).data.params["train.beta"] == "0.1"
-    resumed = Trackers(["mlflow"], tmp_path, CONFIG, resume_step=3)
-    resumed.log(4, {"loss": 0.2})
+    # Resumed from a checkpoint at step 1 after a kill at step 3: steps 2 and 3 are logged again
+    # (bit-exact, the same values) and must not be held twice; step 4 is new.
+    resumed = Trackers(["mlflow"], tmp_path, CONFIG, resume_step=1)
+    for step in (2, 3, 4):
+        resumed.log(step, {"loss": 1.0 / step})
+    resumed.log(3, {"eval/loss": 0.25})
     resumed.close()
-    assert len(client.get_metric_history(run_id, "train/loss")) == 4
+    assert json.loads((tmp_path / "trackers.json").read_text())["mlflow"] == run_id
+    history = client.get_metric_history(run_id, "train/loss")
+    assert sorted((m.step, round(m.value, 6)) for m in history) == [(1, 1.0), (2, 0.5), (3, 0.333333), (4, 0.25)]
+    assert [m.step for m in client.get_metric_history(run_id, "eval/loss")] == [3]
 
 
 def test_a_fresh_start_opens_a_new_tracker_run(tmp_path, monkeypatch):
