@@ -92,6 +92,7 @@ class ShardRecord:
     completion_tokens: int = 0
     truncated: int = 0
     skipped: list[SkippedRow] = field(default_factory=list)
+    header_digest: str = ""  # which cache it was scored for (stages/score_executor.header_digest); "" before it was recorded
 
     def to_json(self) -> dict[str, Any]:
         data = dict(self.__dict__)
@@ -123,7 +124,7 @@ def pairs_to_table(pairs: list[ScoredPair]) -> pa.Table:
 
 
 def write_shard(directory: Path, worker: int, index: int, pairs: list[ScoredPair],
-                skipped: list[SkippedRow], truncated: int, row_group_size: int) -> ShardRecord:
+                skipped: list[SkippedRow], truncated: int, row_group_size: int, header_digest: str = "") -> ShardRecord:
     """Write one shard and its record; the Parquet file appears only when complete."""
     name = shard_name(worker, index)
     final = directory / name
@@ -134,7 +135,7 @@ def write_shard(directory: Path, worker: int, index: int, pairs: list[ScoredPair
             sha256=file_sha256(tmp),
             prompt_tokens=sum(len(p.prompt_ids) for p in pairs),
             completion_tokens=sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs),
-            truncated=truncated, skipped=skipped,
+            truncated=truncated, skipped=skipped, header_digest=header_digest,
         )
     # The record is the completion marker: written last, so a record implies a whole shard.
     write_json_atomic(final.with_suffix(".json"), record.to_json())
