@@ -1,5 +1,6 @@
 """The Slurm scripts of docs/scaling.md, run here with the scheduler's variables simulated: two
-array tasks for stage one, one node of two processes for stage two (fake `srun` and `scontrol`)."""
+array tasks for stage one, one node of one process for stage two (fake `srun` and `scontrol`; two
+processes are covered by tests/stages/train/test_lora.py)."""
 
 import json
 import os
@@ -53,7 +54,7 @@ def test_stage_one_array_script_with_two_tasks_and_a_rerun_of_one(tmp_path, mode
     assert summary["complete"] and summary["rows_scored_now"] == 0 and summary["shards_resumed"] == summaries[1]["shards"]
 
 
-def test_stage_two_multi_node_script_on_one_node_of_two_processes(tmp_path, demo_cache, models):
+def test_stage_two_multi_node_script_on_one_node(tmp_path, demo_cache, models):
     fakes = tmp_path / "bin"
     fakes.mkdir()
     # srun runs its command once per node (one node here); scontrol names the node list's hosts.
@@ -62,7 +63,7 @@ def test_stage_two_multi_node_script_on_one_node_of_two_processes(tmp_path, demo
     for fake in fakes.iterdir():
         fake.chmod(0o755)
     env = {"PATH_FIRST": str(fakes), "SLURM_NNODES": "1", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "localhost",
-           "GPUS_PER_NODE": "2", "PORT": str(free_port()), "CACHE": str(demo_cache), "POLICY": str(models["policy"]),
+           "GPUS_PER_NODE": "1", "PORT": str(free_port()), "CACHE": str(demo_cache), "POLICY": str(models["policy"]),
            "RUN": str(tmp_path / "run")}
     result = sbatch("train.sbatch", "--zero-stage", "2", "--max-steps", "2", "--global-batch-size", "8",
                     "--micro-batch-size", "4", "--save-every", "0", "--no-save-model", env=env)
