@@ -39,7 +39,7 @@ from pathlib import Path
 
 from benchlib import THREADS, print_table, set_threads, thread_env, write_results
 
-from selpipe.pipeline.config import TrainConfig
+from selpipe.pipeline.config import ModelConfig
 
 SETTINGS = {
     "reduced": {"vocabs": [32000, 151936], "seq_lens": [512]},
@@ -47,7 +47,7 @@ SETTINGS = {
 }
 MODEL = {"hidden": 128, "layers": 1, "heads": 2, "kv_heads": 1, "intermediate": 256}
 METHODS = ("selpipe", "selpipe_chunk1024", "selpipe_selective_head", "selpipe_prefix_sharing", "trl", "full_logits")
-SELPIPE_CHUNKS = {"selpipe": TrainConfig.logprob_chunk, "selpipe_chunk1024": 1024}
+SELPIPE_CHUNKS = {"selpipe": ModelConfig.logprob_chunk, "selpipe_chunk1024": 1024}
 
 
 def build(vocab: int, seq_len: int):
@@ -88,7 +88,7 @@ def step_function(method: str, model, input_ids, attention_mask, target_mask):
 
         def step():
             flat = selective_completion_logprobs(model, input_ids, attention_mask, target_mask, lowest_40_percent,
-                                                 TrainConfig.logprob_chunk)
+                                                 ModelConfig.logprob_chunk)
             (flat * selected["mask"]).sum().backward()
     elif method == "selpipe_prefix_sharing":
         from selpipe.pipeline.prefix import pack_shared_prompts, shared_prompt_logprobs
@@ -98,7 +98,7 @@ def step_function(method: str, model, input_ids, attention_mask, target_mask):
         packed = pack_shared_prompts([ids[0][:prompt]], [[ids[0][prompt:], ids[1][prompt:]]]).to(input_ids.device)
 
         def step():
-            shared_prompt_logprobs(model, packed, TrainConfig.logprob_chunk).sum().backward()
+            shared_prompt_logprobs(model, packed, ModelConfig.logprob_chunk).sum().backward()
     elif method == "trl":
         from trl.trainer.utils import add_fused_lm_head
 

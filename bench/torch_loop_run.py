@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM
 from selpipe.pipeline.batching import collate_pairs, order_for_micro_batches, top_k_selector
 from selpipe.pipeline.cache import load_manifest, read_rows
 from selpipe.pipeline.logprobs import completion_logprobs, selective_completion_logprobs, to_padded
+from selpipe.pipeline.config import LossConfig
 from selpipe.pipeline.loss import selective_dpo_loss
 from selpipe.pipeline.prefix import pack_pairs, shared_prompt_logprobs
 
@@ -51,7 +52,7 @@ def micro_batch_loss(model, rows, args) -> torch.Tensor:
     policy, mask = to_padded(policy_logprobs(model, rows, batch, args), batch.completion_lengths)
     b = batch.pairs
     out = selective_dpo_loss(policy[:b], policy[b:], batch.reference[:b], batch.reference[b:], mask[:b], mask[b:],
-                             top_k=args.top_k, beta=args.beta)
+                             LossConfig(top_k=args.top_k, beta=args.beta))
     return out.losses.mean()
 
 

@@ -31,7 +31,7 @@ from typing import Any, Optional
 import typer
 from rich.markup import escape
 
-from selpipe.pipeline.config import build_config, load_config_file
+from selpipe.pipeline.config import build_config, default_of, flag_name, load_config_file, setting_fields
 from selpipe.pipeline.errors import ConfigError
 
 
@@ -118,24 +118,29 @@ def _shown_default(default: Any, kind: Any, flag: str) -> str:
 
 
 def required_settings(cls: type) -> set[str]:
-    """The settings a config class refuses to be built without, found by asking it: each setting whose
-    default is empty is left empty in turn, the others filled, and the class's own "is required"
-    refusal names it. (So the help cannot drift from the validation.)"""
-    empty = {f.name: f.name.upper() if f.metadata.get("argument") else f"--{f.name.replace('_', '-')}"
-             for f in dataclasses.fields(cls) if f.default == ""}
-    required = set()
-    for name, shown in empty.items():
-        try:
-            cls(**{other: "x" for other in empty if other != name})
-        except ConfigError as err:
-            if f"{shown} is required" in str(err):
-                required.add(name)
-    return required
+    """The settings that must be given: marked required and without a default (groups walked)."""
+    return {f.name for _, f, _ in setting_fields(cls) if f.metadata.get("required") and default_of(f) in ("", None)}
+
+
+def _parameter(group: str | None, f: dataclasses.Field, hint: Any, required: set[str]) -> inspect.Parameter:
+    """The typer parameter of one setting: a flag (`--top-k`, `--progress/--no-progress`) or an argument."""
+    default = default_of(f)
+    kind, extra, suffix = _option(hint, default)
+    help_text = escape(f.metadata["help"]) + suffix + (" \\[required]" if f.name in required else "")
+    panel = {"rich_help_panel": f"{group} settings"} if group else {}
+    if f.metadata.get("argument"):
+        return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind], default=typer.Argument(
+            None, metavar=flag_name(f), help=help_text, show_default=False, **panel))
+    flag = flag_name(f)
+    if f.name not in required and default not in ("", None):
+        help_text += f" \\[default: {escape(_shown_default(default, kind, flag))}]"
+    decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind], default=typer.Option(
+        None, *decls, help=help_text, show_default=False, **panel, **extra))
 
 
 def config_command(cls: type, run: Callable[[Any], Report]) -> Callable[..., None]:
     """A function typer can register: its parameters are `--config`, `--json` and one per setting."""
-    hints = typing.get_type_hints(cls)
     parameters = [
         inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
             None, "--config", help="JSON or YAML file of settings (keys as below); flags override it, it overrides the defaults.")),
@@ -143,24 +148,7 @@ def config_command(cls: type, run: Callable[[Any], Report]) -> Callable[..., Non
             False, "--json", help="Print only the summary, as one JSON object on stdout; everything else goes to stderr.")),
     ]
     required = required_settings(cls)
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kind, extra, suffix = _option(hints[f.name], default)
-        help_text = escape(f.metadata["help"]) + suffix + (" \\[required]" if f.name in required else "")
-        if f.metadata.get("argument"):
-            parameters.append(inspect.Parameter(
-                f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind],
-                default=typer.Argument(None, metavar=f.name.upper(), help=help_text, show_default=False),
-            ))
-            continue
-        flag = f"--{f.name.replace('_', '-')}"
-        if f.name not in required and default not in ("", None):
-            help_text += f" \\[default: {escape(_shown_default(default, kind, flag))}]"
-        decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
-        parameters.append(inspect.Parameter(
-            f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind],
-            default=typer.Option(None, *decls, help=help_text, show_default=False, **extra),
-        ))
+    parameters += [_parameter(group, f, hint, required) for group, f, hint in setting_fields(cls)]
 
     def command(**kwargs: Any) -> None:
         config_file = kwargs.pop("config")

@@ -1,17 +1,29 @@
 """Typed settings: the one source of truth for every option.
 
-Each setting is a dataclass field whose metadata carries its help text. The CLI builds its
-options from these fields (see `selpipe.cli.options`), config files are JSON or YAML mappings
-with the same keys, and `docs/configuration.md` is generated from them. Validation lives in
-`__post_init__`, so a config is valid however it was built: from flags, a file or Python.
+Each setting is a dataclass field made by `setting(...)`, whose metadata carries its help text,
+its range and whether it is part of an output's identity. The CLI builds its flags from these
+fields (see `selpipe.cli.options`), config files are JSON or YAML mappings with the same keys,
+and `docs/configuration.md` is generated from them. Validation lives in `__post_init__`
+(`check_settings` reads the metadata), so a config is valid however it was built: from flags,
+a file or Python, and is checked once, when it is built.
+
+Stage two's settings come in groups (`TrainConfig.io`, `.loss`, `.batch`, `.schedule`,
+`.model`), each a dataclass that validates itself, so each function takes only the group it
+uses. Flags, config-file keys and the saved `config.json` stay flat (`--top-k`, `top_k`): the
+names are unique across groups, and `build_config`, `to_dict` and the CLI walk the groups
+(`setting_fields`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
+import math
 import types
 import typing
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
@@ -24,56 +36,192 @@ Truncation = Literal["truncate", "skip"]
 OnBadRow = Literal["error", "skip"]
 # transformers.get_scheduler's names; each warms up linearly over --warmup-steps first.
 Schedule = Literal["linear", "cosine", "cosine_with_min_lr", "constant"]
-LossType = Literal["sigmoid", "sigmoid_norm", "ipo", "hinge", "robust", "simpo"]  # pipeline/loss.py's LOSS_TYPES
+LossType = Literal["sigmoid", "sigmoid_norm", "ipo", "hinge", "robust", "simpo"]  # pipeline/loss.py's LOSSES
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
 RpoTokens = Literal["all", "selected"]
+RPO_TOKENS: tuple[str, ...] = get_args(RpoTokens)
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Tracker = Literal["tensorboard", "wandb", "mlflow", "none"]
+ExportStep = Literal["best", "latest"]
 
 
-def setting(default: Any, help: str, *, identity: bool = False, argument: bool = False,
-            **kwargs: Any) -> Any:
-    """A dataclass field with its help text.
+def setting(default: Any, help: str, *, identity: bool = False, argument: bool = False, required: str | bool = False,
+            minimum: float | None = None, above: float | None = None, maximum: float | None = None,
+            below: float | None = None, **kwargs: Any) -> Any:
+    """A dataclass field with its help text and what `check_settings` checks.
 
-    `identity` marks score-ref settings that change what lands in the cache: a rerun into an
-    existing cache must agree on all of them. (The model and the input are not among them: they
-    are compared by content, since one may be mounted at another path.) `argument` makes the
-    setting a positional command-line argument instead of a flag.
+    `identity`: a rerun or resume must agree on it. For score-ref, the settings that change what
+    lands in the cache (the model and the input are compared by content instead, since one may
+    be mounted at another path); for train, what fixes the row order, the loss, the adapter and
+    the optimizer state a checkpoint holds. `identity_settings` collects them.
+    `required`: the setting must be given (a string says what to give). `minimum`/`maximum`
+    bound a number inclusively, `above`/`below` exclusively; every number must also be finite.
+    `argument` makes the setting a positional command-line argument instead of a flag.
     """
-    metadata = {"help": help, "identity": identity, "argument": argument}
+    metadata = {"help": help, "identity": identity, "argument": argument, "required": required,
+                "minimum": minimum, "above": above, "maximum": maximum, "below": below}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
     return field(default=default, metadata=metadata, **kwargs)
 
 
-def _check_choice(cfg: Any, name: str, literal: Any) -> None:
-    value = getattr(cfg, name)
-    choices = get_args(literal)
-    if value not in choices:
-        raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}; got {value!r}")
+def flag_name(f: dataclasses.Field) -> str:
+    """How the user names a setting: `--top-k`, or `CACHE` for a positional argument."""
+    return f.name.upper() if f.metadata.get("argument") else f"--{f.name.replace('_', '-')}"
 
 
-def _check_positive(cfg: Any, *names: str) -> None:
-    for name in names:
-        if getattr(cfg, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive; got {getattr(cfg, name)}")
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
-@dataclass
-class ScoreConfig:
+def _members(hint: Any) -> tuple[Any, ...]:
+    """A type's alternatives: (int, Literal['auto']) for `int | Literal['auto']`; None left out."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return tuple(m for m in typing.get_args(hint) if m is not type(None))
+    return (hint,)
+
+
+def _words(hint: Any) -> tuple[Any, ...]:
+    return tuple(w for m in _members(hint) if typing.get_origin(m) is Literal for w in typing.get_args(m))
+
+
+def _kinds(hint: Any) -> list[str]:
+    """What a setting may be, in words: ['int', "'auto'"] for `int | Literal['auto']`."""
+    return ([getattr(m, "__name__", str(m)) for m in _members(hint) if typing.get_origin(m) is not Literal]
+            + [repr(w) for w in _words(hint)])
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _range_text(meta: dict[str, Any]) -> str | None:
+    """'in (0, 1]', 'at least 0', 'positive', ... from the metadata's bounds; None when unbounded."""
+    low = ("[", meta["minimum"]) if meta["minimum"] is not None else ("(", meta["above"])
+    high = ("]", meta["maximum"]) if meta["maximum"] is not None else (")", meta["below"])
+    if low[1] is not None and high[1] is not None:
+        return f"in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
+    if low[1] is not None:
+        if low[0] == "(":
+            return "positive" if low[1] == 0 else f"above {low[1]:g}"
+        return f"at least {low[1]:g}"
+    if high[1] is not None:
+        return f"at most {high[1]:g}" if high[0] == "]" else f"below {high[1]:g}"
+    return None
+
+
+def _in_range(value: float, meta: dict[str, Any]) -> bool:
+    return ((meta["minimum"] is None or value >= meta["minimum"]) and (meta["above"] is None or value > meta["above"])
+            and (meta["maximum"] is None or value <= meta["maximum"]) and (meta["below"] is None or value < meta["below"]))
+
+
+def check_setting(cfg: Any, f: dataclasses.Field) -> None:
+    """One setting against its metadata and type: given if required, one of its words, a finite
+    number in its range. Raises a one-line ConfigError naming the flag."""
+    value, meta, name = getattr(cfg, f.name), f.metadata, flag_name(f)
+    if meta["required"] and value in ("", None):
+        how = f": {meta['required']}" if isinstance(meta["required"], str) else ""
+        raise ConfigError(f"{name} is required{how}")
+    hint = _hints(type(cfg))[f.name]
+    words = _words(hint)
+    numeric = any(m in (int, float) for m in _members(hint))
+    if value is None:
+        return
+    if isinstance(value, bool):
+        if bool not in _members(hint):
+            raise ConfigError(f"{name} must be {' or '.join(_kinds(hint))}; got {value!r}")
+        return
+    if words and not numeric and value not in words:
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, words))}; got {value!r}")
+    if words and numeric and not _is_number(value) and value not in words:
+        kind = "an integer" if int in _members(hint) else "a number"
+        raise ConfigError(f"{name} must be {kind} or {' or '.join(map(str, words))}; got {value!r}")
+    if not _is_number(value):
+        return
+    if isinstance(value, float) and int in _members(hint) and float not in _members(hint):
+        raise ConfigError(f"{name} must be an integer; got {value}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number; got {value}")
+    if not _in_range(value, meta):
+        raise ConfigError(f"{name} must be {_range_text(meta)}; got {value}")
+
+
+def check_settings(cfg: Any) -> None:
+    """`check_setting` for each setting of one dataclass (a group checks its own; see `__post_init__`)."""
+    for f in dataclasses.fields(cfg):
+        if not _is_group(_hints(type(cfg))[f.name]):
+            check_setting(cfg, f)
+
+
+def _is_group(hint: Any) -> bool:
+    return isinstance(hint, type) and dataclasses.is_dataclass(hint)
+
+
+def setting_fields(cls: type) -> Iterator[tuple[str | None, dataclasses.Field, Any]]:
+    """Every setting of a config class as (its group's field name or None, the field, its type),
+    walking into the groups in order: the flat view flags, config files and docs are made of."""
+    for f in dataclasses.fields(cls):
+        hint = _hints(cls)[f.name]
+        if _is_group(hint):
+            yield from ((f.name, inner, inner_hint) for _, inner, inner_hint in setting_fields(hint))
+        else:
+            yield None, f, hint
+
+
+def _leaves(cfg: Any) -> Iterator[tuple[dataclasses.Field, Any]]:
+    """(field, value) of every setting of a built config, groups walked."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if _is_group(_hints(type(cfg))[f.name]):
+            yield from _leaves(value)
+        else:
+            yield f, value
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The settings as one flat mapping (the keys of a config file), groups walked: what runs save."""
+    return {f.name: copy.deepcopy(value) for f, value in _leaves(cfg)}
+
+
+def identity_settings(cfg: Any) -> dict[str, Any]:
+    """The settings a rerun or resume must agree on (`setting(identity=True)`), flat, groups walked."""
+    return {f.name: copy.deepcopy(value) for f, value in _leaves(cfg) if f.metadata["identity"]}
+
+
+def default_settings(cls: type) -> dict[str, Any]:
+    """Every setting's default, flat (a setting newer than a saved config had its default then)."""
+    return {f.name: default_of(f) for _, f, _ in setting_fields(cls)}
+
+
+class Settings:
+    """What every config class shares: the flat views of its settings."""
+
+    def identity(self) -> dict[str, Any]:
+        """The settings a rerun into the same output must agree on (see `setting(identity=True)`)."""
+        return identity_settings(self)
+
+
+@dataclass(frozen=True)
+class ScoreConfig(Settings):
     """Settings of `selpipe score-ref` (stage one)."""
 
     input: str = setting("", "Preference data: a .jsonl, .json, .jsonl.zst, .parquet or .arrow file; several, comma-separated "
                              "or as a glob; a dataset folder (saved by `datasets`, or as `huggingface-cli download` "
-                             "leaves it); or a Hub dataset name the local Hugging Face cache holds.")
+                             "leaves it); or a Hub dataset name the local Hugging Face cache holds.", required=True)
     input_config: str | None = setting(None, "Subset (config name) of a dataset folder or Hub dataset.", identity=True)
-    output: str = setting("", "Cache directory to write (created if missing; a rerun resumes it).")
-    model: str = setting("", "Reference model: a local directory or a name your HF cache already holds.")
+    output: str = setting("", "Cache directory to write (created if missing; a rerun resumes it).", required=True)
+    model: str = setting("", "Reference model: a local directory or a name your HF cache already holds.", required=True)
     revision: str | None = setting(None, "Model revision to record and load (for hub-style caches).", identity=True)
     backend: Backend = setting("hf", "Scoring backend: `hf` (transformers) or `vllm`.", identity=True)
     dtype: DType = setting("float32", "Weights dtype of the reference; log-softmax is always fp32.", identity=True)
     split: str = setting("train", "Split to read from a dataset folder, saved DatasetDict or Hub dataset.", identity=True)
-    max_length: int = setting(1024, "Most tokens in prompt + one completion.", identity=True)
-    max_prompt_length: int = setting(512, "Most prompt tokens; longer prompts keep their end.", identity=True)
+    max_length: int = setting(1024, "Most tokens in prompt + one completion.", identity=True, above=0)
+    max_prompt_length: int = setting(512, "Most prompt tokens; longer prompts keep their end.", identity=True, above=0)
     truncation: Truncation = setting(
         "truncate",
         "Rows over the limits: `truncate` (prompt keeps its end, completions keep their start) "
@@ -82,122 +230,66 @@ class ScoreConfig:
     )
     append_eos: bool = setting(True, "Append the EOS token to string completions (chat completions end with the template's end-of-turn).", identity=True)
     on_bad_row: OnBadRow = setting("error", "Malformed rows: `error` stops with the row and field, `skip` counts them.", identity=True)
+    max_row_bytes: int = setting(16 << 20, "Largest input row in bytes (a JSON Lines line, a JSON array element); a larger "
+                                           "row is a bad row: reason `row_too_large` (counted under --on-bad-row skip), "
+                                           "never parsed.", identity=True, above=0)
     num_workers: int | Literal["auto"] = setting(1, "Number of worker processes sharing this cache; `auto`: from the "
-                                                    "Slurm array, Slurm tasks or torchrun (docs/scaling.md).", identity=True)
+                                                    "Slurm array, Slurm tasks or torchrun (docs/scaling.md).", identity=True,
+                                                 above=0)
     worker_index: int | Literal["auto"] = setting(0, "This worker's index in [0, num_workers); `auto`: from the Slurm array, "
-                                                     "Slurm tasks or torchrun, whose LOCAL_RANK picks the GPU.")
-    shard_size: int = setting(4096, "Input rows per shard (the unit of restart).", identity=True)
-    row_group_size: int = setting(256, "Rows per Parquet row group (the unit of streaming).", identity=True)
+                                                     "Slurm tasks or torchrun, whose LOCAL_RANK picks the GPU.", minimum=0)
+    shard_size: int = setting(4096, "Input rows per shard (the unit of restart).", identity=True, above=0)
+    row_group_size: int = setting(256, "Rows per Parquet row group (the unit of streaming).", identity=True, above=0)
     token_budget: int | Literal["auto"] = setting(16384, "hf backend: most padded tokens in one forward batch; `auto` "
                                                           "times doubling budgets at start-up and takes the smallest "
                                                           "within 5% of the fastest (reported in the summary; the "
                                                           "batching then depends on the timing, so log-probs may "
-                                                          "differ between runs in the last bits).")
+                                                          "differ between runs in the last bits).", above=0)
     share_prompts: bool = setting(False, "hf backend: score each distinct prompt once for all its completions (same "
                                          "log-probs; faster when prompts are long).")
-    logprob_chunk: int = setting(256, "Completion positions per log-softmax chunk: the fp32 buffer is chunk x vocab x 4 bytes.")
+    logprob_chunk: int = setting(256, "Completion positions per log-softmax chunk: the fp32 buffer is chunk x vocab x 4 bytes.",
+                                 above=0)
     device: str = setting("auto", "hf backend device: auto, cpu, cuda, cuda:N.")
     compile: bool = setting(False, "hf backend: torch.compile the model with frozen weights: about a minute more start-up, "
                                    "then faster scoring (see docs/benchmarks.md); for long runs.")
-    tensor_parallel_size: int = setting(1, "vllm backend: GPUs per model.")
-    gpu_memory_utilization: float = setting(0.9, "vllm backend: fraction of GPU memory for the engine.")
-    kv_cache_memory_bytes: int | None = setting(None, "vllm backend: KV cache size in bytes (needed on CPU).")
+    tensor_parallel_size: int = setting(1, "vllm backend: GPUs per model.", above=0)
+    gpu_memory_utilization: float = setting(0.9, "vllm backend: fraction of GPU memory for the engine.", above=0, maximum=1)
+    kv_cache_memory_bytes: int | None = setting(None, "vllm backend: KV cache size in bytes (needed on CPU).", above=0)
     enforce_eager: bool = setting(False, "vllm backend: skip vLLM's torch.compile and CUDA graphs (quicker start-up, slower scoring).")
     progress: bool = setting(True, "Show a progress bar.")
 
     def __post_init__(self) -> None:
-        for name in ("input", "output", "model"):
-            if not getattr(self, name):
-                raise ConfigError(f"--{name} is required")
-        _check_choice(self, "backend", Backend)
-        _check_choice(self, "dtype", DType)
-        _check_choice(self, "truncation", Truncation)
-        _check_choice(self, "on_bad_row", OnBadRow)
-        _check_positive(self, "max_length", "max_prompt_length", "shard_size",
-                        "row_group_size", "logprob_chunk", "tensor_parallel_size")
-        for name in ("num_workers", "worker_index"):
-            value = getattr(self, name)
-            if value != "auto" and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ConfigError(f"--{name.replace('_', '-')} must be an integer or auto; got {value!r}")
-        if self.num_workers != "auto" and self.num_workers <= 0:
-            raise ConfigError(f"--num-workers must be positive; got {self.num_workers}")
+        check_settings(self)
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(
                 f"--max-prompt-length ({self.max_prompt_length}) must be below --max-length "
                 f"({self.max_length}) to leave room for a completion"
             )
-        if self.worker_index != "auto" and (self.worker_index < 0 or self.num_workers != "auto" and self.worker_index >= self.num_workers):
+        if "auto" not in (self.worker_index, self.num_workers) and self.worker_index >= self.num_workers:
             raise ConfigError(f"--worker-index must be in [0, {self.num_workers}); got {self.worker_index}")
-        if self.token_budget != "auto" and (isinstance(self.token_budget, bool) or not isinstance(self.token_budget, int)):
-            raise ConfigError(f"--token-budget must be an integer or auto; got {self.token_budget!r}")
         if self.share_prompts and self.backend != "hf":
             raise ConfigError("--share-prompts is for --backend hf (vLLM has its own prefix caching, off for exact scores)")
         if self.token_budget != "auto" and self.token_budget < self.max_length:
             raise ConfigError(f"--token-budget ({self.token_budget}) must hold one sequence of --max-length ({self.max_length})")
 
-    def identity(self) -> dict[str, Any]:
-        """The settings that define the cache's content (see `setting(identity=True)`)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["identity"]}
+
+# ------------------------------------------------------------------ stage two, in groups
 
 
-@dataclass
-class TrainConfig:
-    """Settings of `selpipe train` (stage two)."""
+@dataclass(frozen=True)
+class IOConfig:
+    """What a training run reads and writes: its inputs, its run directory, checkpoints and trackers."""
 
-    cache: str = setting("", "Score cache written by `selpipe score-ref`: scores tokens (and anchors the KL term unless --anchor-scores).")
-    policy: str = setting("", "Policy to train: a local model directory (usually the SFT model).")
-    output: str = setting("", "Run directory: checkpoints, metrics.jsonl, TensorBoard logs, final model.")
+    cache: str = setting("", "Score cache written by `selpipe score-ref`: scores tokens (and anchors the KL term unless --anchor-scores).",
+                         required=True)
+    policy: str = setting("", "Policy to train: a local model directory (usually the SFT model).", required=True)
+    output: str = setting("", "Run directory: checkpoints, metrics.jsonl, TensorBoard logs, final model.", required=True)
     anchor_scores: str | None = setting(None, "A second cache of the same rows whose log-probs anchor the DPO term.")
     eval_cache: str | None = setting(None, "A score cache to evaluate on (loss, margins, preference accuracy); its own log-probs score and anchor.")
-    top_k: float = setting(0.4, "Fraction k of each response's tokens selected by alignment score; 1 is plain DPO.")
-    loss_type: LossType = setting("sigmoid", "DPO-family loss over the selected tokens (docs/losses.md): sigmoid, "
-                                             "sigmoid_norm, ipo, hinge, robust or simpo.")
-    beta: float = setting(0.01, "DPO temperature beta (SimPO's and IPO's beta for those losses).")
-    label_smoothing: float = setting(0.0, "Label smoothing eps: conservative DPO for sigmoid, the flip rate for robust.")
-    simpo_gamma: float = setting(0.5, "SimPO's target reward margin gamma (--loss-type simpo).")
-    rpo_alpha: float = setting(0.0, "Weight of an NLL term on the chosen response added to the loss (RPO); 0 disables.")
-    rpo_tokens: RpoTokens = setting("all", "Chosen tokens the RPO term averages over: all, or only the selected ones.")
-    learning_rate: float = setting(5e-7, "Peak learning rate of AdamW.")
-    min_lr_ratio: float = setting(0.0, "Final learning rate as a fraction of the peak (--schedule cosine_with_min_lr).")
-    weight_decay: float = setting(0.0, "AdamW weight decay.")
-    adam_betas: list = setting([0.9, 0.999], "AdamW betas (beta1,beta2).")
-    schedule: Schedule = setting("cosine", "Learning-rate decay after warm-up (transformers.get_scheduler): linear, "
-                                           "cosine, cosine_with_min_lr (down to --min-lr-ratio) or constant.")
-    warmup_steps: int = setting(0, "Optimizer steps of linear warm-up from 0.")
-    max_steps: int = setting(0, "Optimizer steps to run; 0 means --epochs full passes.")
-    epochs: int = setting(1, "Passes over the cache when --max-steps is 0.")
-    global_batch_size: int = setting(32, "Pairs per optimizer step across all ranks.")
-    micro_batch_size: int = setting(4, "Pairs per forward pass on one rank.")
-    gradient_clipping: float = setting(1.0, "Clip the global gradient norm to this (0 disables).")
-    zero_stage: int = setting(0, "DeepSpeed ZeRO stage 0-3; picks configs/zero{N}.json (a --deepspeed-config must ask for the same stage).")
-    deepspeed_config: str | None = setting(None, "A DeepSpeed JSON to use instead of the shipped one (batch sizes, optimizer and precision are filled in from these settings).")
-    precision: Precision = setting("auto", "auto: bf16 on GPUs that support it, else fp32. fp16: mixed precision with "
-                                           "DeepSpeed's dynamic loss scaling, for GPUs without bf16.")
-    lora_rank: int = setting(0, "LoRA rank r (PEFT); 0 trains every weight.")
-    lora_alpha: float = setting(16.0, "LoRA alpha (the adapter's scale is alpha / r).")
-    lora_dropout: float = setting(0.0, "Dropout on the LoRA input.")
-    lora_target_modules: str = setting("", "Comma-separated module names to adapt, or all-linear; default: the "
-                                           "architecture's attention and MLP projections.")
-    load_in_4bit: bool = setting(False, "QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes, CUDA only); needs --lora-rank.")
-    merge_adapter: bool = setting(False, "With LoRA: also save model-merged/, the base with the adapter merged in.")
-    gradient_checkpointing: bool = setting(False, "Recompute activations in backward to save memory.")
-    logprob_chunk: int = setting(256, "Completion positions per log-softmax chunk: peak memory is about 3 x chunk x vocab x 4 bytes.")
-    length_sorted_micro_batches: bool = setting(True, "Order each step's pairs by length before cutting micro batches "
-                                                      "(less padding; the step sees the same pairs).")
-    selective_head: bool = setting(True, "Recompute the output head with gradient at the selected tokens only (the "
-                                         "same gradient; less head work at k < 1).")
-    prefix_sharing: bool = setting(False, "Forward each pair's prompt once for both responses (one packed row, a "
-                                          "block-causal mask; needs sdpa or eager attention).")
-    length_bucketing: bool = setting(False, "Group pairs of similar length into the same global batch within each "
-                                            "shuffle window (changes which pairs share a step).")
-    shuffle_window: int = setting(16, "Row groups shuffled together (the stream's shuffle buffer).")
-    seed: int = setting(0, "Seed of the shuffle and of any randomness in the run.")
-    save_every: int = setting(0, "Checkpoint every N optimizer steps (0: only at the end).")
     save_hf_checkpoints: bool = setting(False, "Beside each checkpoint also write hf/, loadable with from_pretrained "
                                                "(the adapter with LoRA); else `selpipe export` makes one on demand.")
-    keep_checkpoints: int = setting(2, "Most recent checkpoints kept on disk.")
-    eval_every: int = setting(0, "Evaluate every N optimizer steps (0: at start and end only).")
-    log_every: int = setting(1, "Write metrics every N optimizer steps.")
+    keep_checkpoints: int = setting(2, "Most recent checkpoints kept on disk.", above=0)
+    merge_adapter: bool = setting(False, "With LoRA: also save model-merged/, the base with the adapter merged in.")
     report_to: str = setting("tensorboard", "Trackers, comma-separated: tensorboard, wandb, mlflow, or none (metrics.jsonl "
                                             "is always written). wandb and mlflow honour their usual environment "
                                             "variables (WANDB_PROJECT, WANDB_MODE, MLFLOW_TRACKING_URI, ...).")
@@ -206,61 +298,75 @@ class TrainConfig:
     progress: bool = setting(True, "Show a progress bar (rank 0).")
 
     def __post_init__(self) -> None:
-        for name in ("cache", "policy", "output"):
-            if not getattr(self, name):
-                raise ConfigError(f"--{name} is required")
-        if not 0.0 < self.top_k <= 1.0:
-            raise ConfigError(f"--top-k must be in (0, 1]; got {self.top_k}. Use 1 for plain DPO.")
-        if self.beta <= 0:
-            raise ConfigError(f"--beta must be positive; got {self.beta}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"--label-smoothing must be in [0, 0.5); got {self.label_smoothing}")
-        _check_choice(self, "loss_type", LossType)
-        _check_choice(self, "rpo_tokens", RpoTokens)
-        try:
-            self.loss_settings()
-        except ValueError as err:
-            raise ConfigError(f"--loss-type {self.loss_type}: {err}") from None
-        if self.lora_rank < 0 or self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError("--lora-rank must be >= 0, --lora-alpha > 0 and --lora-dropout in [0, 1)")
-        if (self.load_in_4bit or self.merge_adapter) and not self.lora_rank:
-            raise ConfigError("--load-in-4bit and --merge-adapter train or merge an adapter: set --lora-rank too")
+        check_settings(self)
         unknown = [t for t in self.trackers() if t not in get_args(Tracker)]
         if unknown:
             raise ConfigError(f"--report-to {','.join(unknown)} is not a tracker; choose from {', '.join(get_args(Tracker))}")
-        if len(self.adam_betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.adam_betas):
-            raise ConfigError(f"--adam-betas must be two numbers in [0, 1), e.g. 0.9,0.999; got {self.adam_betas}")
-        for name in ("seed", "save_every", "eval_every", "warmup_steps"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 0; got {getattr(self, name)}")
-        if self.min_lr_ratio and self.schedule != "cosine_with_min_lr":
-            raise ConfigError(f"--min-lr-ratio applies to --schedule cosine_with_min_lr only; got --schedule {self.schedule}")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"--zero-stage must be 0, 1, 2 or 3; got {self.zero_stage}")
-        _check_choice(self, "schedule", Schedule)
-        _check_choice(self, "precision", Precision)
-        _check_positive(self, "global_batch_size", "micro_batch_size", "logprob_chunk", "shuffle_window",
-                        "log_every", "keep_checkpoints")
+
+    def trackers(self) -> list[str]:
+        """--report-to as a list; `none` alone means no tracker but metrics.jsonl."""
+        return [t.strip() for t in self.report_to.split(",") if t.strip() and t.strip() != "none"]
+
+
+# Losses without a label-smoothing term; eps is a flip rate for robust, a smoothing weight elsewhere.
+IGNORE_LABEL_SMOOTHING = frozenset({"ipo", "hinge"})
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The loss's own settings (`pipeline.loss.selective_dpo_loss` takes one), checked once when built.
+
+    `simpo_gamma` is SimPO's target margin gamma as the paper writes it (TRL's `simpo_gamma`),
+    not the gamma/beta ratio of the SimPO and open-instruct code (`gamma_beta_ratio`).
+    """
+
+    top_k: float = setting(0.4, "Fraction k of each response's tokens selected by alignment score; 1 is plain DPO.",
+                           identity=True, above=0, maximum=1)
+    loss_type: LossType = setting("sigmoid", "DPO-family loss over the selected tokens (docs/losses.md): sigmoid, "
+                                             "sigmoid_norm, ipo, hinge, robust or simpo.", identity=True)
+    beta: float = setting(0.01, "DPO temperature beta (SimPO's and IPO's beta for those losses).", identity=True, above=0)
+    # The robust loss divides by 1 - 2 eps: eps is a flip rate below one half (and a smoothing above it inverts the labels).
+    label_smoothing: float = setting(0.0, "Label smoothing eps: conservative DPO for sigmoid, the flip rate for robust.",
+                                     identity=True, minimum=0, below=0.5)
+    simpo_gamma: float = setting(0.5, "SimPO's target reward margin gamma (--loss-type simpo).", identity=True)
+    rpo_alpha: float = setting(0.0, "Weight of an NLL term on the chosen response added to the loss (RPO); 0 disables.",
+                               identity=True, minimum=0)
+    rpo_tokens: RpoTokens = setting("all", "Chosen tokens the RPO term averages over: all, or only the selected ones.",
+                                    identity=True)
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+        if self.loss_type in IGNORE_LABEL_SMOOTHING and self.label_smoothing != 0.0:
+            # A setting that would silently do nothing is refused rather than ignored.
+            raise ConfigError(f"--loss-type {self.loss_type}: the {self.loss_type} loss has no label smoothing; "
+                              f"got --label-smoothing {self.label_smoothing}")
+
+    @property
+    def head_on_all_chosen(self) -> bool:
+        """Whether every chosen token gets a gradient (an RPO term over all of them), not only the selected."""
+        return self.rpo_alpha > 0 and self.rpo_tokens == "all"
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """Which rows form each optimizer step and micro batch, in what order."""
+
+    global_batch_size: int = setting(32, "Pairs per optimizer step across all ranks.", identity=True, above=0)
+    micro_batch_size: int = setting(4, "Pairs per forward pass on one rank.", above=0)
+    length_sorted_micro_batches: bool = setting(True, "Order each step's pairs by length before cutting micro batches "
+                                                      "(less padding; the step sees the same pairs).")
+    length_bucketing: bool = setting(False, "Group pairs of similar length into the same global batch within each "
+                                            "shuffle window (changes which pairs share a step).", identity=True)
+    shuffle_window: int = setting(16, "Row groups shuffled together (the stream's shuffle buffer).", identity=True, above=0)
+    seed: int = setting(0, "Seed of the shuffle and of any randomness in the run.", identity=True, minimum=0)
+
+    def __post_init__(self) -> None:
+        check_settings(self)
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"--global-batch-size ({self.global_batch_size}) must be a multiple of "
                 f"--micro-batch-size ({self.micro_batch_size})"
             )
-        if self.max_steps < 0 or self.epochs <= 0 and self.max_steps == 0:
-            raise ConfigError("set --max-steps > 0 or --epochs > 0")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"--min-lr-ratio must be in [0, 1]; got {self.min_lr_ratio}")
-
-    def loss_settings(self) -> Any:
-        """The loss's hyperparameters (`pipeline.loss.LossSettings`), validated."""
-        from .loss import LossSettings
-
-        return LossSettings(loss_type=self.loss_type, beta=self.beta, label_smoothing=self.label_smoothing,
-                            simpo_gamma=self.simpo_gamma, rpo_alpha=self.rpo_alpha, rpo_tokens=self.rpo_tokens)
-
-    def trackers(self) -> list[str]:
-        """--report-to as a list; `none` alone means no tracker but metrics.jsonl."""
-        return [t.strip() for t in self.report_to.split(",") if t.strip() and t.strip() != "none"]
 
     def gradient_accumulation_steps(self, world_size: int) -> int:
         """Micro batches per rank per optimizer step; refuses a split that does not divide."""
@@ -274,97 +380,171 @@ class TrainConfig:
         return self.global_batch_size // per_step
 
 
-@dataclass
-class InspectConfig:
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The optimizer and its schedule, how long to train, and when to evaluate, save and log."""
+
+    learning_rate: float = setting(5e-7, "Peak learning rate of AdamW.", identity=True, minimum=0)
+    min_lr_ratio: float = setting(0.0, "Final learning rate as a fraction of the peak (--schedule cosine_with_min_lr).",
+                                  identity=True, minimum=0, maximum=1)
+    weight_decay: float = setting(0.0, "AdamW weight decay.", identity=True, minimum=0)
+    adam_betas: list = setting([0.9, 0.999], "AdamW betas (beta1,beta2).", identity=True)
+    schedule: Schedule = setting("cosine", "Learning-rate decay after warm-up (transformers.get_scheduler): linear, "
+                                           "cosine, cosine_with_min_lr (down to --min-lr-ratio) or constant.", identity=True)
+    warmup_steps: int = setting(0, "Optimizer steps of linear warm-up from 0.", identity=True, minimum=0)
+    max_steps: int = setting(0, "Optimizer steps to run; 0 means --epochs full passes.", identity=True, minimum=0)
+    epochs: int = setting(1, "Passes over the cache when --max-steps is 0.", identity=True, minimum=0)
+    gradient_clipping: float = setting(1.0, "Clip the global gradient norm to this (0 disables).", minimum=0)
+    eval_every: int = setting(0, "Evaluate every N optimizer steps (0: at start and end only).", minimum=0)
+    save_every: int = setting(0, "Checkpoint every N optimizer steps (0: only at the end).", minimum=0)
+    log_every: int = setting(1, "Write metrics every N optimizer steps.", above=0)
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+        if len(self.adam_betas) != 2 or not all(_is_number(b) and 0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ConfigError(f"--adam-betas must be two numbers in [0, 1), e.g. 0.9,0.999; got {self.adam_betas}")
+        if self.min_lr_ratio and self.schedule != "cosine_with_min_lr":
+            raise ConfigError(f"--min-lr-ratio applies to --schedule cosine_with_min_lr only; got --schedule {self.schedule}")
+        if self.max_steps == 0 and self.epochs == 0:
+            raise ConfigError("set --max-steps > 0 or --epochs > 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The policy: how it is built (precision, ZeRO, LoRA) and how its log-probs are computed."""
+
+    zero_stage: int = setting(0, "DeepSpeed ZeRO stage 0-3; picks configs/zero{N}.json (a --deepspeed-config must ask for the same stage).",
+                              identity=True, minimum=0, maximum=3)
+    deepspeed_config: str | None = setting(None, "A DeepSpeed JSON to use instead of the shipped one (batch sizes, optimizer and precision are filled in from these settings).")
+    precision: Precision = setting("auto", "auto: bf16 on GPUs that support it, else fp32. fp16: mixed precision with "
+                                           "DeepSpeed's dynamic loss scaling, for GPUs without bf16.", identity=True)
+    lora_rank: int = setting(0, "LoRA rank r (PEFT); 0 trains every weight.", identity=True, minimum=0)
+    lora_alpha: float = setting(16.0, "LoRA alpha (the adapter's scale is alpha / r).", identity=True, above=0)
+    lora_dropout: float = setting(0.0, "Dropout on the LoRA input.", identity=True, minimum=0, below=1)
+    lora_target_modules: str = setting("", "Comma-separated module names to adapt, or all-linear; default: the "
+                                           "architecture's attention and MLP projections.", identity=True)
+    load_in_4bit: bool = setting(False, "QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes, CUDA only); needs --lora-rank.",
+                                 identity=True)
+    gradient_checkpointing: bool = setting(False, "Recompute activations in backward to save memory.")
+    logprob_chunk: int = setting(256, "Completion positions per log-softmax chunk: peak memory is about 3 x chunk x vocab x 4 bytes.",
+                                 above=0)
+    selective_head: bool = setting(True, "Recompute the output head with gradient at the selected tokens only (the "
+                                         "same gradient; less head work at k < 1).")
+    prefix_sharing: bool = setting(False, "Forward each pair's prompt once for both responses (one packed row, a "
+                                          "block-causal mask; needs sdpa or eager attention).")
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+        if self.load_in_4bit and not self.lora_rank:
+            raise ConfigError("--load-in-4bit trains an adapter on a frozen 4-bit base: set --lora-rank too")
+
+
+@dataclass(frozen=True)
+class TrainConfig(Settings):
+    """Settings of `selpipe train` (stage two), in groups; each group checks itself when built."""
+
+    io: IOConfig
+    loss: LossConfig = field(default_factory=LossConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self) -> None:
+        if self.io.merge_adapter and not self.model.lora_rank:
+            raise ConfigError("--merge-adapter merges an adapter: set --lora-rank too")
+
+
+@dataclass(frozen=True)
+class InspectConfig(Settings):
     """Settings of `selpipe inspect`: what a cache holds, and optionally a page of sample pairs."""
 
-    cache: str = setting("", "Score cache directory.", argument=True)
+    cache: str = setting("", "Score cache directory.", argument=True, required="give a score cache directory")
     html: str | None = setting(None, "Also write an HTML page of sample pairs, tokens shaded.")
     policy: str | None = setting(None, "With --html: shade by alignment score against this policy and mark the selected "
                                        "tokens (else shade by reference log-prob).")
-    samples: int = setting(8, "With --html: pairs to render.")
-    top_k: float = setting(0.4, "With --html and --policy: the k of the mask.")
-    seed: int = setting(0, "With --html: seed of the sample.")
+    samples: int = setting(8, "With --html: pairs to render.", above=0)
+    top_k: float = setting(0.4, "With --html and --policy: the k of the mask.", above=0, maximum=1)
+    seed: int = setting(0, "With --html: seed of the sample.", minimum=0)
 
     def __post_init__(self) -> None:
-        if not self.cache:
-            raise ConfigError("CACHE is required: give a score cache directory")
-        _check_positive(self, "samples")
-        if not 0.0 < self.top_k <= 1.0:
-            raise ConfigError(f"--top-k must be in (0, 1]; got {self.top_k}")
+        check_settings(self)
 
 
-@dataclass
-class VerifyConfig:
+@dataclass(frozen=True)
+class VerifyConfig(Settings):
     """Settings of `selpipe verify`: recompute a random sample of a cache with transformers."""
 
-    cache: str = setting("", "Score cache directory.", argument=True)
-    model: str = setting("", "The reference model, loaded with transformers.")
-    sample: int = setting(64, "Pairs to recompute.")
-    tolerance: float = setting(1e-3, "Largest per-token |difference| that passes.")
-    seed: int = setting(0, "Seed of the sample.")
+    cache: str = setting("", "Score cache directory.", argument=True, required="give a score cache directory")
+    model: str = setting("", "The reference model, loaded with transformers.", required=True)
+    sample: int = setting(64, "Pairs to recompute.", above=0)
+    tolerance: float = setting(1e-3, "Largest per-token |difference| that passes.", minimum=0)
+    seed: int = setting(0, "Seed of the sample.", minimum=0)
     device: str = setting("auto", "auto, cpu, cuda, cuda:N.")
     dtype: DType | None = setting(None, "Weights dtype (default: the cache's).")
-    token_budget: int = setting(16384, "Most padded tokens in one forward batch.")
+    token_budget: int = setting(16384, "Most padded tokens in one forward batch.", above=0)
 
     def __post_init__(self) -> None:
-        if not self.cache:
-            raise ConfigError("CACHE is required: give a score cache directory")
-        if not self.model:
-            raise ConfigError("--model is required")
-        _check_positive(self, "sample", "token_budget")
-        if self.tolerance < 0:
-            raise ConfigError(f"--tolerance must be at least 0; got {self.tolerance}")
-        if self.dtype is not None:
-            _check_choice(self, "dtype", DType)
+        check_settings(self)
 
 
-ExportStep = Literal["best", "latest"]
-
-
-@dataclass
-class ExportConfig:
+@dataclass(frozen=True)
+class ExportConfig(Settings):
     """Settings of `selpipe export`: a training run's checkpoint as a Hugging Face model (or LoRA adapter)."""
 
-    run: str = setting("", "Training run directory (the --output of `selpipe train`).", argument=True)
+    run: str = setting("", "Training run directory (the --output of `selpipe train`).", argument=True,
+                       required="give a training run directory")
     output: str = setting("", "Directory to write, new or empty: a model for AutoModelForCausalLM.from_pretrained, or "
-                              "for a LoRA run an adapter for PeftModel.from_pretrained.")
+                              "for a LoRA run an adapter for PeftModel.from_pretrained.", required=True)
     step: int | ExportStep = setting("latest", "Checkpoint to export: its step, `latest`, or `best` (the kept checkpoint "
-                                               "whose logged --metric is best).")
+                                               "whose logged --metric is best).", above=0)
     metric: str = setting("eval/loss", "With --step best: the metrics.jsonl key that ranks the checkpoints; the lowest "
-                                       "wins unless --greater-is-better.")
+                                       "wins unless --greater-is-better.",
+                          required="name a metrics.jsonl key, such as eval/loss")
     greater_is_better: bool = setting(False, "With --step best: the highest --metric wins (for accuracies).")
     merge: bool = setting(False, "For a LoRA run: write the base with the adapter merged in, a full model.")
     policy: str | None = setting(None, "The base model the run trained (default: the run's --policy); give it where "
                                        "that directory has moved.")
 
     def __post_init__(self) -> None:
-        if not self.run:
-            raise ConfigError("RUN is required: give a training run directory")
-        if not self.output:
-            raise ConfigError("--output is required")
-        if self.step not in get_args(ExportStep) and (isinstance(self.step, bool) or not isinstance(self.step, int)
-                                                      or self.step <= 0):
-            raise ConfigError(f"--step must be a positive integer, best or latest; got {self.step!r}")
-        if not self.metric:
-            raise ConfigError("--metric must name a metrics.jsonl key, such as eval/loss")
+        check_settings(self)
 
 
 ConfigT = TypeVar("ConfigT", ScoreConfig, TrainConfig, InspectConfig, VerifyConfig, ExportConfig)
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+def _json_object(path: Path) -> Any:
+    """json's object_pairs_hook: an object as a dict, refusing a key given twice (json keeps the last silently)."""
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen and not key.startswith("//"):  # comments may repeat
+                raise ConfigError(f"config file {path}: the key {key!r} is given twice; keep one")
+            seen[key] = value
+        return seen
+
+    return hook
 
 
-def _yaml_loader() -> Any:
-    """PyYAML's safe loader, but reading `5e-7` as the float YAML 1.2 makes it (YAML 1.1 wants `5.0e-7`)."""
+def _yaml_loader(path: Path) -> Any:
+    """PyYAML's safe loader, reading `5e-7` as the float YAML 1.2 makes it (YAML 1.1 wants `5.0e-7`),
+    and refusing a mapping key given twice (PyYAML keeps the last silently)."""
     import re
 
     import yaml
 
     class Loader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, Hashable):
+                    continue  # PyYAML refuses it below, with the line
+                if key in seen and not str(key).startswith("//"):
+                    raise ConfigError(f"config file {path}: the key {key!r} is given twice (line "
+                                      f"{key_node.start_mark.line + 1}); keep one")
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
 
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
         r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
@@ -374,7 +554,7 @@ def _yaml_loader() -> Any:
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a config file, YAML (`.yaml`, `.yml`) or JSON (anything else); keys are setting names
-    (`max_length` or `max-length`), and keys starting with `//` are comments."""
+    (`max_length` or `max-length`, each once), and keys starting with `//` are comments."""
     path = Path(path)
     yaml_file = path.suffix.lower() in (".yaml", ".yml")
     try:
@@ -387,43 +567,62 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         import yaml
 
         try:
-            raw = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader subclass)
+            raw = yaml.load(text, Loader=_yaml_loader(path))  # noqa: S506 (a SafeLoader subclass)
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
     else:
         try:
-            raw = json.loads(text)
+            raw = json.loads(text, object_pairs_hook=_json_object(path))
         except json.JSONDecodeError as err:
             raise ConfigError(f"config file {path} is not valid JSON: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a {'YAML mapping' if yaml_file else 'JSON object'} of settings")
-    return {str(key).replace("-", "_"): value for key, value in raw.items() if not str(key).startswith("//")}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name in values and not name.startswith("//"):  # `max-length` and `max_length` both
+            raise ConfigError(f"config file {path}: the setting {name!r} is given twice ({key!r}); keep one")
+        if not str(key).startswith("//"):
+            values[name] = value
+    return values
 
 
-def build_config(cls: type[ConfigT], file_values: dict[str, Any], overrides: dict[str, Any]) -> ConfigT:
-    """Defaults < config file < explicit overrides; unknown keys are an error naming them."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(file_values) - known)
+def build_config(cls: type[ConfigT], file_values: dict[str, Any], overrides: dict[str, Any] | None = None) -> ConfigT:
+    """Defaults < config file < explicit overrides, all flat (`top_k`), built into the class's
+    groups; unknown keys are an error naming them. Each group checks itself as it is built."""
+    values = {**file_values, **(overrides or {})}
+    hints = {f.name: hint for _, f, hint in setting_fields(cls)}
+    unknown = sorted(set(values) - set(hints))
     if unknown:
         raise ConfigError(f"unknown setting(s) in config file: {', '.join(unknown)}")
-    return cls(**{name: _coerce(cls, name, value) for name, value in {**file_values, **overrides}.items()})
+    return _build(cls, {name: _coerce(hints[name], name, value) for name, value in values.items()})
 
 
-def _coerce(cls: type, name: str, value: Any) -> Any:
+def _build(cls: type, values: dict[str, Any]) -> Any:
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        hint = _hints(cls)[f.name]
+        if _is_group(hint):
+            kwargs[f.name] = _build(hint, values)
+        elif f.name in values:
+            kwargs[f.name] = values[f.name]
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, name: str, value: Any) -> Any:
     """JSON gives 2 for 2.0; accept an int for a float setting, refuse any other type mismatch.
 
     A Literal (or a union with one, such as `int | Literal["auto"]`) takes its words as they are;
-    `__post_init__` checks the words.
+    `check_settings` checks the words.
     """
-    hint = typing.get_type_hints(cls)[name]
     if typing.get_origin(hint) is Literal or value is None:
         return value
-    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    words = [word for member in members if typing.get_origin(member) is Literal for word in typing.get_args(member)]
+    members = _members(hint)
+    words = _words(hint)
     if value in words and isinstance(value, str):
         return value
     allowed = tuple(typing.get_origin(m) or m for m in members
-                    if typing.get_origin(m) is not Literal and isinstance(typing.get_origin(m) or m, type) and m is not type(None))
+                    if typing.get_origin(m) is not Literal and isinstance(typing.get_origin(m) or m, type))
     if not allowed:
         return value
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
@@ -434,11 +633,22 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
     return value
 
 
-def settings_table(cls: type) -> str:
-    """A Markdown table of a config class's settings (used for docs/configuration.md)."""
+def _table(fields: list[dataclasses.Field]) -> str:
     rows = ["| setting | default | meaning |", "| --- | --- | --- |"]
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        name = f.name.upper() if f.metadata["argument"] else f"--{f.name.replace('_', '-')}"
-        rows.append(f"| `{name}` | `{default!r}` | {f.metadata['help']} |")
+    rows += [f"| `{flag_name(f)}` | `{default_of(f)!r}` | {f.metadata['help']} |" for f in fields]
     return "\n".join(rows)
+
+
+def settings_table(cls: type) -> str:
+    """Markdown tables of a config class's settings (docs/configuration.md): one per group, under
+    its name and docstring, or one table for a class without groups."""
+    groups: dict[str | None, list[dataclasses.Field]] = {}
+    for group, f, _ in setting_fields(cls):
+        groups.setdefault(group, []).append(f)
+    if list(groups) == [None]:
+        return _table(groups[None])
+    parts = []
+    for group, fields in groups.items():
+        doc = " ".join((_hints(cls)[group].__doc__ or "").split("\n\n")[0].split())
+        parts.append(f"### {group}\n\n{doc}\n\n{_table(fields)}")
+    return "\n\n".join(parts)

@@ -29,11 +29,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Literal, NamedTuple, get_args
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+# The loss's settings are one group of TrainConfig, defined (and checked, once) with the others.
+from .config import LossConfig
 from .selection import alignment_scores, select_top_k
 
 
@@ -49,44 +51,6 @@ class SelectiveDPOOutput:
     chosen_threshold: torch.Tensor  # [B] tau of each chosen response
     rejected_threshold: torch.Tensor  # [B] tau of each rejected response
     nll: torch.Tensor               # [B], detached: mean NLL of the chosen response over the rpo tokens
-
-
-RpoTokens = Literal["all", "selected"]
-RPO_TOKENS: tuple[str, ...] = get_args(RpoTokens)
-
-
-@dataclass(frozen=True)
-class LossSettings:
-    """The loss's hyperparameters. Building one validates them, so a config can check early.
-
-    `simpo_gamma` is SimPO's target margin gamma as the paper writes it (TRL's `simpo_gamma`),
-    not the gamma/beta ratio of the SimPO and open-instruct code (`gamma_beta_ratio`).
-    """
-
-    loss_type: str = "sigmoid"
-    beta: float = 0.01
-    label_smoothing: float = 0.0
-    simpo_gamma: float = 0.5
-    rpo_alpha: float = 0.0
-    rpo_tokens: RpoTokens = "all"
-
-    def __post_init__(self) -> None:
-        if self.loss_type not in LOSSES:
-            raise ValueError(f"unknown loss type {self.loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
-        if self.beta <= 0:
-            raise ValueError(f"beta must be positive; got {self.beta}")
-        if not 0.0 <= self.label_smoothing <= 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1]; got {self.label_smoothing}")
-        if self.loss_type == "robust" and self.label_smoothing >= 0.5:
-            # The robust loss divides by 1 - 2 eps: eps is a flip rate below one half.
-            raise ValueError(f"the robust loss needs label_smoothing in [0, 0.5); got {self.label_smoothing}")
-        if self.loss_type in IGNORE_LABEL_SMOOTHING and self.label_smoothing != 0.0:
-            # A setting that would silently do nothing is refused rather than ignored.
-            raise ValueError(f"the {self.loss_type} loss has no label smoothing; got {self.label_smoothing}")
-        if self.rpo_alpha < 0:
-            raise ValueError(f"rpo_alpha must be non-negative; got {self.rpo_alpha}")
-        if self.rpo_tokens not in RPO_TOKENS:
-            raise ValueError(f"rpo_tokens must be one of {', '.join(RPO_TOKENS)}; got {self.rpo_tokens!r}")
 
 
 @dataclass(frozen=True)
@@ -120,7 +84,7 @@ class LossTerms(NamedTuple):
     rejected_rewards: torch.Tensor  # [B]
 
 
-LossFunction = Callable[[SelectedSums, SelectedSums, LossSettings], LossTerms]
+LossFunction = Callable[[SelectedSums, SelectedSums, LossConfig], LossTerms]
 
 
 def sigmoid_loss(margins: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -128,12 +92,12 @@ def sigmoid_loss(margins: torch.Tensor, label_smoothing: float = 0.0) -> torch.T
     return -(1.0 - label_smoothing) * F.logsigmoid(margins) - label_smoothing * F.logsigmoid(-margins)
 
 
-def _masked_rewards(chosen: SelectedSums, rejected: SelectedSums, s: LossSettings) -> tuple[torch.Tensor, torch.Tensor]:
+def _masked_rewards(chosen: SelectedSums, rejected: SelectedSums, s: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """beta * sum_t m_t (p_t - a_t) per side: the reward every reference-based loss reports."""
     return s.beta * chosen.logratio, s.beta * rejected.logratio
 
 
-def loss_sigmoid(chosen: SelectedSums, rejected: SelectedSums, s: LossSettings) -> LossTerms:
+def loss_sigmoid(chosen: SelectedSums, rejected: SelectedSums, s: LossConfig) -> LossTerms:
     """Sigmoid DPO (Rafailov et al.); with eps, conservative DPO (Mitchell).
 
         z    = beta * (sum_t m_t (p_t - a_t) over y_w  -  sum_t m_t (p_t - a_t) over y_l)
@@ -144,7 +108,7 @@ def loss_sigmoid(chosen: SelectedSums, rejected: SelectedSums, s: LossSettings) 
     return LossTerms(sigmoid_loss(margins, s.label_smoothing), *rewards)
 
 
-def loss_sigmoid_norm(chosen: SelectedSums, rejected: SelectedSums, s: LossSettings) -> LossTerms:
+def loss_sigmoid_norm(chosen: SelectedSums, rejected: SelectedSums, s: LossConfig) -> LossTerms:
     """Length-normalised sigmoid DPO (open-instruct's `dpo_norm`, TRL's `sigmoid_norm`).
 
         z    = beta * (sum_t m_t (p_t - a_t) / n_w  -  sum_t m_t (p_t - a_t) / n_l),  n = sum_t m_t
@@ -156,7 +120,7 @@ def loss_sigmoid_norm(chosen: SelectedSums, rejected: SelectedSums, s: LossSetti
     return LossTerms(sigmoid_loss(margins, s.label_smoothing), *_masked_rewards(chosen, rejected, s))
 
 
-def loss_ipo(chosen: SelectedSums, rejected: SelectedSums, s: LossSettings) -> LossTerms:
+def loss_ipo(chosen: SelectedSums, rejected: SelectedSums, s: LossConfig) -> LossTerms:
     """IPO (Azar et al., eq. 17, beta in the role of tau), length-normalised as in TRL.
 
         h    = sum_t m_t (p_t - a_t) / n_w  -  sum_t m_t (p_t - a_t) / n_l,  n = sum_t m_t
@@ -169,7 +133,7 @@ def loss_ipo(chosen: SelectedSums, rejected: SelectedSums, s: LossSettings) -> L
     return LossTerms((h - 1.0 / (2.0 * s.beta)) ** 2, *_masked_rewards(chosen, rejected, s))
 
 
-def loss_hinge(chosen: SelectedSums, rejected: SelectedSums, s: LossSettings) -> LossTerms:
+def loss_hinge(chosen: SelectedSums, rejected: SelectedSums, s: LossConfig) -> LossTerms:
     """Hinge loss (SLiC-HF's calibration loss on the DPO margin).
 
         z    = beta * (sum_t m_t (p_t - a_t) over y_w  -  sum_t m_t (p_t - a_t) over y_l)
@@ -181,7 +145,7 @@ def loss_hinge(chosen: SelectedSums, rejected: SelectedSums, s: LossSettings) ->
     return LossTerms(torch.relu(1.0 - margins), *_masked_rewards(chosen, rejected, s))
 
 
-def loss_robust(chosen: SelectedSums, rejected: SelectedSums, s: LossSettings) -> LossTerms:
+def loss_robust(chosen: SelectedSums, rejected: SelectedSums, s: LossConfig) -> LossTerms:
     """Robust DPO (Chowdhury et al.): unbiased under labels flipped with probability eps < 1/2.
 
         z    = beta * (sum_t m_t (p_t - a_t) over y_w  -  sum_t m_t (p_t - a_t) over y_l)
@@ -195,7 +159,7 @@ def loss_robust(chosen: SelectedSums, rejected: SelectedSums, s: LossSettings) -
     return LossTerms(losses, *_masked_rewards(chosen, rejected, s))
 
 
-def loss_simpo(chosen: SelectedSums, rejected: SelectedSums, s: LossSettings) -> LossTerms:
+def loss_simpo(chosen: SelectedSums, rejected: SelectedSums, s: LossConfig) -> LossTerms:
     """SimPO (Meng et al.): reference-free, the reward is the mean selected policy log-prob.
 
         R    = beta * sum_t m_t p_t / n,  n = sum_t m_t       (also the reported reward)
@@ -218,9 +182,6 @@ LOSSES: Mapping[str, LossFunction] = MappingProxyType({
     "robust": loss_robust,
     "simpo": loss_simpo,
 })
-LOSS_TYPES: tuple[str, ...] = tuple(LOSSES)
-# Losses without a label-smoothing term; eps is a flip rate for robust, a smoothing weight elsewhere.
-IGNORE_LABEL_SMOOTHING = frozenset({"ipo", "hinge"})
 
 
 def chosen_nll(policy_chosen: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -239,37 +200,29 @@ def selective_dpo_loss(
     reference_rejected: torch.Tensor,
     chosen_mask: torch.Tensor,
     rejected_mask: torch.Tensor,
+    settings: LossConfig = LossConfig(),
     *,
-    top_k: float = 0.4,
-    beta: float = 0.01,
-    label_smoothing: float = 0.0,
     anchor_chosen: torch.Tensor | None = None,
     anchor_rejected: torch.Tensor | None = None,
-    loss_type: str = "sigmoid",
-    simpo_gamma: float = 0.5,
-    rpo_alpha: float = 0.0,
-    rpo_tokens: RpoTokens = "all",
 ) -> SelectiveDPOOutput:
     """Per-pair Selective-DPO losses; see the module docstring for the math.
 
     All per-token tensors are [B, L_side] fp32, zero-padded, with `*_mask` marking completion
     tokens. `reference_*` score the tokens; `anchor_*` (default: the reference) anchor the
-    reward. `loss_type` names a loss of `LOSSES`; the other settings are `LossSettings`'.
+    reward. `settings` (k, the loss type and its hyperparameters) were checked when built.
     Returns per-pair losses; average them over the global batch.
     """
-    settings = LossSettings(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
-                            simpo_gamma=simpo_gamma, rpo_alpha=rpo_alpha, rpo_tokens=rpo_tokens)
     anchor_chosen = reference_chosen if anchor_chosen is None else anchor_chosen
     anchor_rejected = reference_rejected if anchor_rejected is None else anchor_rejected
     chosen_scores = alignment_scores(policy_chosen, reference_chosen, chosen=True)
     rejected_scores = alignment_scores(policy_rejected, reference_rejected, chosen=False)
-    chosen_selected, chosen_threshold = select_top_k(chosen_scores, chosen_mask, top_k)
-    rejected_selected, rejected_threshold = select_top_k(rejected_scores, rejected_mask, top_k)
-    terms = LOSSES[loss_type](SelectedSums.of(policy_chosen, anchor_chosen, chosen_selected),
-                              SelectedSums.of(policy_rejected, anchor_rejected, rejected_selected), settings)
-    nll = chosen_nll(policy_chosen, chosen_mask if rpo_tokens == "all" else chosen_selected)
+    chosen_selected, chosen_threshold = select_top_k(chosen_scores, chosen_mask, settings.top_k)
+    rejected_selected, rejected_threshold = select_top_k(rejected_scores, rejected_mask, settings.top_k)
+    terms = LOSSES[settings.loss_type](SelectedSums.of(policy_chosen, anchor_chosen, chosen_selected),
+                                       SelectedSums.of(policy_rejected, anchor_rejected, rejected_selected), settings)
+    nll = chosen_nll(policy_chosen, chosen_mask if settings.rpo_tokens == "all" else chosen_selected)
     # Skipped at 0 rather than multiplied by 0, so the default loss is exactly the bare loss.
-    losses = terms.losses + rpo_alpha * nll if rpo_alpha else terms.losses
+    losses = terms.losses + settings.rpo_alpha * nll if settings.rpo_alpha else terms.losses
     return SelectiveDPOOutput(
         losses=losses,
         chosen_rewards=terms.chosen_rewards.detach(),

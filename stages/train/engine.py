@@ -20,10 +20,11 @@ import torch
 
 from selpipe.pipeline.atomic import atomic_path
 from selpipe.pipeline.batching import PairBatch
-from selpipe.pipeline.config import TrainConfig
+from selpipe.pipeline.config import ModelConfig, TrainConfig
 from selpipe.pipeline.errors import ConfigError, first_line
-from selpipe.pipeline.logprobs import check_output_head, completion_logprobs, selective_completion_logprobs
-from selpipe.pipeline.prefix import SharedPromptBatch, check_shared_prompts, shared_prompt_logprobs
+from selpipe.pipeline.forward import PolicyForward
+from selpipe.pipeline.logprobs import check_output_head
+from selpipe.pipeline.prefix import SharedPromptBatch, check_shared_prompts
 
 
 
@@ -87,7 +88,7 @@ def shipped_config(name: str) -> Path:
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     """The shipped (or given) DeepSpeed JSON with selpipe's settings filled in."""
-    path = Path(cfg.deepspeed_config) if cfg.deepspeed_config else shipped_config(f"zero{cfg.zero_stage}.json")
+    path = Path(cfg.model.deepspeed_config) if cfg.model.deepspeed_config else shipped_config(f"zero{cfg.model.zero_stage}.json")
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
@@ -99,21 +100,21 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         raise ConfigError(f"--deepspeed-config {path} must hold a JSON object whose zero_optimization and optimizer "
                           f"are objects")
     ds = {k: v for k, v in raw.items() if not k.startswith("//")}
-    ds["train_batch_size"] = cfg.global_batch_size
-    ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
-    ds["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps(world_size)
-    ds["gradient_clipping"] = cfg.gradient_clipping
-    mode = mixed_precision(cfg.precision)
+    ds["train_batch_size"] = cfg.batch.global_batch_size
+    ds["train_micro_batch_size_per_gpu"] = cfg.batch.micro_batch_size
+    ds["gradient_accumulation_steps"] = cfg.batch.gradient_accumulation_steps(world_size)
+    ds["gradient_clipping"] = cfg.schedule.gradient_clipping
+    mode = mixed_precision(cfg.model.precision)
     ds["bf16"] = {"enabled": mode == "bf16"}
     # fp16 needs loss scaling; DeepSpeed's dynamic scaler skips a step whose gradients overflow.
     ds["fp16"] = {"enabled": mode == "fp16", "loss_scale": 0, "initial_scale_power": 16}
-    ds["zero_optimization"] = ds.get("zero_optimization") or {"stage": cfg.zero_stage}
-    if ds["zero_optimization"].get("stage", 0) != cfg.zero_stage:
+    ds["zero_optimization"] = ds.get("zero_optimization") or {"stage": cfg.model.zero_stage}
+    if ds["zero_optimization"].get("stage", 0) != cfg.model.zero_stage:
         raise ConfigError(f"--deepspeed-config {path} asks for ZeRO stage {ds['zero_optimization'].get('stage', 0)} but "
-                          f"--zero-stage is {cfg.zero_stage}; make them agree")
+                          f"--zero-stage is {cfg.model.zero_stage}; make them agree")
     optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     params = optimizer.setdefault("params", {})
-    params.update(lr=cfg.learning_rate, betas=list(cfg.adam_betas), eps=1e-8, weight_decay=cfg.weight_decay)
+    params.update(lr=cfg.schedule.learning_rate, betas=list(cfg.schedule.adam_betas), eps=1e-8, weight_decay=cfg.schedule.weight_decay)
     # DeepSpeed's fused Adam needs a CUDA build; on CPU use torch's AdamW (no extension compile).
     params.setdefault("torch_adam", not torch.cuda.is_available())
     return ds
@@ -140,24 +141,24 @@ def load_policy(cfg: TrainConfig, ds_config: dict[str, Any], max_width: int | No
     zero3 = ds_config["zero_optimization"].get("stage") == 3
     keep_alive = HfDeepSpeedConfig(ds_config) if zero3 else None
     extra: dict[str, Any] = {}
-    if cfg.load_in_4bit:
+    if cfg.model.load_in_4bit:
         extra["quantization_config"] = four_bit_config(zero3)
     try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.policy, dtype=compute_dtype(ds_config), **extra)
+        model = AutoModelForCausalLM.from_pretrained(cfg.io.policy, dtype=compute_dtype(ds_config), **extra)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         # A missing or damaged weight file, an unknown architecture: the user's to fix.
         first = first_line(err)
-        raise ConfigError(f"--policy {cfg.policy}: cannot load the model ({first[:300]}); give a complete local model "
+        raise ConfigError(f"--policy {cfg.io.policy}: cannot load the model ({first[:300]}); give a complete local model "
                           f"directory") from None
     model.config.use_cache = False
-    if keep_alive is None and not cfg.load_in_4bit:
+    if keep_alive is None and not cfg.model.load_in_4bit:
         # (under ZeRO-3 the parameters are partitioned: no forward outside the engine)
         check_output_head(model)
-    if cfg.gradient_checkpointing:
+    if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.prefix_sharing:
+    if cfg.model.prefix_sharing:
         check_shared_prompts(model, width=max_width)
-    peft_model = add_adapter(cfg, model) if cfg.lora_rank else None
+    peft_model = add_adapter(cfg.model, model) if cfg.model.lora_rank else None
     return model, peft_model, keep_alive
 
 
@@ -183,7 +184,7 @@ DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
                         "qkv_proj", "gate_up_proj")
 
 
-def lora_targets(cfg: TrainConfig, model: torch.nn.Module) -> list[str] | str:
+def lora_targets(cfg: ModelConfig, model: torch.nn.Module) -> list[str] | str:
     if cfg.lora_target_modules == "all-linear":
         return "all-linear"
     if cfg.lora_target_modules:
@@ -199,7 +200,7 @@ def lora_targets(cfg: TrainConfig, model: torch.nn.Module) -> list[str] | str:
     return found
 
 
-def add_adapter(cfg: TrainConfig, model: torch.nn.Module) -> Any:
+def add_adapter(cfg: ModelConfig, model: torch.nn.Module) -> Any:
     """Inject LoRA adapters (PEFT) into `model` in place; returns the PeftModel that saves them."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -213,21 +214,16 @@ def add_adapter(cfg: TrainConfig, model: torch.nn.Module) -> Any:
 class PolicyLogprobs(torch.nn.Module):
     """The policy as DeepSpeed sees it: batch in, completion log-probs out (never full logits)."""
 
-    def __init__(self, policy: torch.nn.Module, chunk_size: int):
+    def __init__(self, policy: torch.nn.Module, policy_forward: PolicyForward):
         super().__init__()
-        self.policy, self.chunk_size = policy, chunk_size
+        self.policy, self.policy_forward = policy, policy_forward
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor,
                 select: Callable[[torch.Tensor], torch.Tensor] | None = None,
                 packed: SharedPromptBatch | None = None) -> torch.Tensor:
-        """Flat completion log-probs; `select` limits the head's gradient to the tokens it picks
-        (`pipeline.logprobs.selective_completion_logprobs`), `packed` shares each prompt."""
-        if packed is not None:
-            return shared_prompt_logprobs(self.policy, packed, self.chunk_size, select=select)
-        if select is not None:
-            return selective_completion_logprobs(self.policy, input_ids, attention_mask, target_mask, select,
-                                                 self.chunk_size)
-        return completion_logprobs(self.policy, input_ids, attention_mask, target_mask, self.chunk_size)
+        """Flat completion log-probs, computed the way `pipeline.forward.PolicyForward` chooses: `select`
+        limits the head's gradient to the tokens it picks, `packed` shares each prompt."""
+        return self.policy_forward.logprobs(self.policy, input_ids, attention_mask, target_mask, select, packed)
 
 
 class TrainEngine:
@@ -294,16 +290,16 @@ def learning_rate_schedule(cfg: TrainConfig, optimizer: Any, total_steps: int) -
     """transformers' schedule of that name, warming up linearly over --warmup-steps."""
     from transformers import get_scheduler
 
-    extra = {"min_lr_rate": cfg.min_lr_ratio} if cfg.schedule == "cosine_with_min_lr" else {}
-    name = "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule
-    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps,
+    extra = {"min_lr_rate": cfg.schedule.min_lr_ratio} if cfg.schedule.schedule == "cosine_with_min_lr" else {}
+    name = "constant_with_warmup" if cfg.schedule.schedule == "constant" else cfg.schedule.schedule
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.schedule.warmup_steps, num_training_steps=total_steps,
                          scheduler_specific_kwargs=extra)
 
 
 def build_engine(cfg: TrainConfig, model: torch.nn.Module, ds_config: dict[str, Any], total_steps: int) -> TrainEngine:
     import deepspeed
 
-    wrapper = PolicyLogprobs(model, cfg.logprob_chunk)
+    wrapper = PolicyLogprobs(model, PolicyForward.of(cfg.model, cfg.loss))
     ds_engine, _, _, _ = deepspeed.initialize(
         model=wrapper, model_parameters=[p for p in wrapper.parameters() if p.requires_grad],
         config=copy.deepcopy(ds_config),

@@ -9,6 +9,7 @@ import torch
 
 from selpipe.pipeline.cache import read_rows
 from selpipe.pipeline.config import TrainConfig
+from selpipe.pipeline.forward import PolicyForward
 from selpipe.pipeline.metrics import add_sums, reduce_sums
 from selpipe.pipeline.stream import eval_shards
 
@@ -21,8 +22,9 @@ class Evaluator:
     def __init__(self, path: str, manifest: dict[str, Any], engine: Any, all_reduce: Callable[[torch.Tensor], None],
                  rank: int, world_size: int, cfg: TrainConfig, pad_id: int):
         self.rows = list(read_rows(path, manifest))
-        self.indices, self.micro_batches = eval_shards(len(self.rows), rank, world_size, cfg.micro_batch_size)
+        self.indices, self.micro_batches = eval_shards(len(self.rows), rank, world_size, cfg.batch.micro_batch_size)
         self.engine, self.all_reduce, self.cfg, self.pad_id = engine, all_reduce, cfg, pad_id
+        self.forward = PolicyForward.of(cfg.model, cfg.loss)
         self.previous_masks: list[torch.Tensor] | None = None
 
     @torch.no_grad()
@@ -32,14 +34,14 @@ class Evaluator:
         totals: dict[str, torch.Tensor] = {}
         masks = []
         overlap = torch.zeros(2)  # |this mask & last eval's|, |this mask | last eval's|, over real pairs
-        size = self.cfg.micro_batch_size
+        size = self.cfg.batch.micro_batch_size
         for micro in range(self.micro_batches):
             chunk = self.indices[micro * size:(micro + 1) * size]
             # Every rank runs the same number of forwards (ZeRO-3 gathers collectively): pad with weight-0 rows.
             weights = [1.0] * len(chunk) + [0.0] * (size - len(chunk))
             rows = [self.rows[i] for i in chunk] + [self.rows[0]] * (size - len(chunk))
-            [(batch, packed)] = micro_batches(rows, self.cfg, self.pad_id, engine.device, weights)
-            _, sums, out = forward_loss(engine, batch, self.cfg, packed)
+            [(batch, packed)] = micro_batches(rows, self.cfg.batch, self.forward, self.pad_id, engine.device, weights)
+            _, sums, out = forward_loss(engine, batch, packed, self.cfg.loss, self.forward)
             add_sums(totals, sums)
             real = batch.weights.bool().unsqueeze(1).cpu()
             selected = torch.cat([(out.chosen_selected.cpu() & real).flatten(), (out.rejected_selected.cpu() & real).flatten()])

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from selpipe.pipeline.config import ExportConfig, TrainConfig
+from selpipe.pipeline.config import ExportConfig, TrainConfig, build_config, setting_fields
 from selpipe.pipeline.errors import CacheError, ConfigError, first_line, storage_errors
 from selpipe.pipeline.tokenization import load_tokenizer
 
@@ -48,7 +48,7 @@ def export_checkpoint(cfg: ExportConfig) -> dict[str, Any]:
     run = Path(cfg.run)
     saved = _run_config(run)
     train = _train_config(saved, cfg.policy)
-    if cfg.merge and not train.lora_rank:
+    if cfg.merge and not train.model.lora_rank:
         raise ConfigError(f"--merge merges a LoRA adapter, but {run} trained every weight; its export is already a "
                           f"full model: drop --merge")
     _check_output(Path(cfg.output))
@@ -56,20 +56,20 @@ def export_checkpoint(cfg: ExportConfig) -> dict[str, Any]:
     step, value = _choose_step(cfg, run, steps)
     directory = run / "checkpoints" / f"step-{step}"
     stage = saved["deepspeed"].get("zero_optimization", {}).get("stage", 0)
-    state = checkpoint_state(directory, stage, adapter_only=bool(train.lora_rank))
-    tokenizer = load_tokenizer(train.policy)
-    base = _load_base(train.policy)
-    if train.lora_rank:
+    state = checkpoint_state(directory, stage, adapter_only=bool(train.model.lora_rank))
+    tokenizer = load_tokenizer(train.io.policy)
+    base = _load_base(train.io.policy)
+    if train.model.lora_rank:
         model = _with_adapter(train, base, state, directory)
         kind = "merged" if cfg.merge else "adapter"
         exported = model.merge_and_unload() if cfg.merge else model
     else:
-        _load_exactly(base, state, set(base.state_dict()), directory, train.policy)
+        _load_exactly(base, state, set(base.state_dict()), directory, train.io.policy)
         kind, exported = "model", base
     with storage_errors("write the exported model", cfg.output):
         write_pretrained(exported, tokenizer, Path(cfg.output))
     summary: dict[str, Any] = {"run": str(run), "step": step, "output": cfg.output, "kind": kind,
-                               "policy": train.policy, "zero_stage": stage}
+                               "policy": train.io.policy, "zero_stage": stage}
     if value is not None:
         summary[cfg.metric] = value
     return summary
@@ -96,13 +96,13 @@ def _run_config(run: Path) -> dict[str, Any]:
 
 def _train_config(saved: dict[str, Any], policy: str | None) -> TrainConfig:
     """The run's TrainConfig; a setting newer than the run had its default then."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    train = TrainConfig(**{k: v for k, v in saved["train"].items() if k in known})
-    policy = policy or train.policy
+    known = {f.name for _, f, _ in setting_fields(TrainConfig)}
+    train = build_config(TrainConfig, {k: v for k, v in saved["train"].items() if k in known})
+    policy = policy or train.io.policy
     if not Path(policy).is_dir():
         raise ConfigError(f"the run's policy {policy} is not a directory here; the export needs the base model's "
                           f"config, tokenizer (and with LoRA its weights): pass --policy with where it is now")
-    return dataclasses.replace(train, policy=policy)
+    return dataclasses.replace(train, io=dataclasses.replace(train.io, policy=policy))
 
 
 def _check_output(output: Path) -> None:
@@ -231,7 +231,7 @@ def _with_adapter(train: TrainConfig, base: Any, adapter: dict[str, Any], direct
     """`base` with the run's LoRA adapter (built as training built it) holding the checkpoint's adapter weights."""
 
     # The same LoraConfig as in training; the base loads as stored (a QLoRA adapter merges into the full base).
-    peft_model = add_adapter(dataclasses.replace(train, load_in_4bit=False, gradient_checkpointing=False), base)
+    peft_model = add_adapter(dataclasses.replace(train.model, load_in_4bit=False, gradient_checkpointing=False), base)
     named = {PEFT_PREFIX + k: v for k, v in adapter.items()}
-    _load_exactly(peft_model, named, {k for k in peft_model.state_dict() if "lora_" in k}, directory, train.policy)
+    _load_exactly(peft_model, named, {k for k in peft_model.state_dict() if "lora_" in k}, directory, train.io.policy)
     return peft_model

@@ -22,7 +22,7 @@ from .engine import (
 )
 from .export import merge_adapter
 from .evaluate import Evaluator
-from .loop import fit
+from .loop import StepSettings, fit
 from .run_dir import RunDirectory, TrainState, check_output
 
 
@@ -61,32 +61,32 @@ def setup(cfg: TrainConfig, comm: Comm) -> Setup:
     marker, and a corrected rerun into it is accepted.)"""
     check_output(cfg)
     ds_config = deepspeed_config(cfg, comm.world_size)
-    if cfg.load_in_4bit:
+    if cfg.model.load_in_4bit:
         four_bit_config(zero3=ds_config["zero_optimization"].get("stage") == 3)  # refuses where it cannot run
-    run = RunDirectory(cfg.output, comm.rank)
-    if not cfg.resume and run.latest_checkpoint() is not None:
-        raise ConfigError(f"--output {cfg.output} already holds a run; pass --resume to continue it or choose a new --output")
-    tokenizer = load_tokenizer(cfg.policy)
-    vocab = policy_vocab_size(cfg.policy, tokenizer)
+    run = RunDirectory(cfg.io.output, comm.rank)
+    if not cfg.io.resume and run.latest_checkpoint() is not None:
+        raise ConfigError(f"--output {cfg.io.output} already holds a run; pass --resume to continue it or choose a new --output")
+    tokenizer = load_tokenizer(cfg.io.policy)
+    vocab = policy_vocab_size(cfg.io.policy, tokenizer)
     started = time.perf_counter()
-    caches = open_training_caches(cfg.cache, cfg.anchor_scores, cfg.eval_cache, tokenizer_fingerprint(tokenizer), vocab)
+    caches = open_training_caches(cfg.io.cache, cfg.io.anchor_scores, cfg.io.eval_cache, tokenizer_fingerprint(tokenizer), vocab)
     cache_check_seconds = time.perf_counter() - started
     train_dtype = str(compute_dtype(ds_config)).removeprefix("torch.")
     if comm.rank == 0 and caches.train["reference"]["dtype"] != train_dtype:
         # At step 0 p - r is then precision noise, and top-k picks its extremes: a biased margin.
         warnings.warn(f"the cache was scored in {caches.train['reference']['dtype']} but the policy trains in "
                       f"{train_dtype}; alignment scores start as precision noise. Score in the training precision.")
-    stream = CacheStream(cfg.cache, caches.train, rank=comm.rank, world_size=comm.world_size,
-                         global_batch_size=cfg.global_batch_size, seed=cfg.seed, shuffle_window=cfg.shuffle_window,
-                         anchor=(cfg.anchor_scores, caches.anchor) if caches.anchor else None,
-                         length_bucketing=cfg.length_bucketing)
+    stream = CacheStream(cfg.io.cache, caches.train, rank=comm.rank, world_size=comm.world_size,
+                         global_batch_size=cfg.batch.global_batch_size, seed=cfg.batch.seed, shuffle_window=cfg.batch.shuffle_window,
+                         anchor=(cfg.io.anchor_scores, caches.anchor) if caches.anchor else None,
+                         length_bucketing=cfg.batch.length_bucketing)
     # Content digests: a resume must see the same scores (and evaluate on the same rows) as the run it continues.
     identity = {name: manifest and cache_identity(manifest) for name, manifest in
                 (("cache", caches.train), ("anchor_scores", caches.anchor), ("eval_cache", caches.eval))}
     # Every rank has checked the output before rank 0 marks it as a run.
     comm.barrier()
     run.claim()
-    return Setup(comm, run, tokenizer, caches, ds_config, stream, cfg.max_steps or cfg.epochs * stream.batches_per_epoch,
+    return Setup(comm, run, tokenizer, caches, ds_config, stream, cfg.schedule.max_steps or cfg.schedule.epochs * stream.batches_per_epoch,
                  identity, cache_check_seconds)
 
 
@@ -111,9 +111,9 @@ def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
     rank = comm.rank
     engine: TrainEngine | None = None
     try:
-        with storage_errors("write the run directory", cfg.output):
+        with storage_errors("write the run directory", cfg.io.output):
             parts = setup(cfg, comm)
-            torch.manual_seed(cfg.seed)
+            torch.manual_seed(cfg.batch.seed)
             # The longest row prefix sharing packs: a prompt and two responses within the cache's limit each.
             max_length = parts.caches.train["tokenization"].get("max_length")
             model, peft_model, zero3_context = load_policy(cfg, parts.ds_config, 2 * max_length if max_length else None)
@@ -125,10 +125,10 @@ def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
         raise
     teardown(engine, comm)
     del zero3_context  # merging below loads the base whole, outside ZeRO-3's partitioned construction
-    if cfg.merge_adapter and rank == 0 and summary["model_saved"]:
-        merged = Path(cfg.output) / "model-merged"
+    if cfg.io.merge_adapter and rank == 0 and summary["model_saved"]:
+        merged = Path(cfg.io.output) / "model-merged"
         with storage_errors("write the merged model", merged):
-            merge_adapter(cfg.policy, Path(cfg.output) / "model", merged)
+            merge_adapter(cfg.io.policy, Path(cfg.io.output) / "model", merged)
     return summary if rank == 0 else None
 
 
@@ -136,22 +136,22 @@ def _train(cfg: TrainConfig, parts: Setup, engine: TrainEngine, policy: Policy) 
     from tqdm import tqdm
 
     comm, run = parts.comm, parts.run
-    if cfg.resume and run.latest_checkpoint():
+    if cfg.io.resume and run.latest_checkpoint():
         state = run.load_checkpoint(engine, comm, cfg, parts.identity)
         resumed_from: int | None = state.step
     else:
-        if cfg.resume and comm.rank == 0:
+        if cfg.io.resume and comm.rank == 0:
             print(f"--resume: no checkpoint in {run.checkpoints}, starting fresh", flush=True)
         state, resumed_from = TrainState(), None
     resolved = {"train": to_dict(cfg), "deepspeed": parts.ds_config, "world_size": comm.world_size,
                 "total_steps": parts.total_steps, "cache_rows": parts.stream.total_rows}
     run.write_json("config.json", resolved)
-    run.open_logs(resumed_from, cfg.trackers(), resolved)
+    run.open_logs(resumed_from, cfg.io.trackers(), resolved)
     padding = pad_id(parts.tokenizer)
-    evaluator = (Evaluator(cfg.eval_cache, parts.caches.eval, engine, comm.all_reduce, comm.rank, comm.world_size, cfg,
+    evaluator = (Evaluator(cfg.io.eval_cache, parts.caches.eval, engine, comm.all_reduce, comm.rank, comm.world_size, cfg,
                            padding) if parts.caches.eval else None)
     first_step = state.step
-    bar = tqdm(total=parts.total_steps, initial=state.step, desc="train", disable=not (cfg.progress and comm.rank == 0),
+    bar = tqdm(total=parts.total_steps, initial=state.step, desc="train", disable=not (cfg.io.progress and comm.rank == 0),
                dynamic_ncols=True)
 
     def on_step(metrics: dict[str, Any]) -> None:
@@ -162,10 +162,11 @@ def _train(cfg: TrainConfig, parts: Setup, engine: TrainEngine, policy: Policy) 
     def hf_copy(directory: Path) -> None:
         policy.save(engine, comm.rank, directory / "hf")
 
-    hf_copy = hf_copy if cfg.save_hf_checkpoints else None
+    hf_copy = hf_copy if cfg.io.save_hf_checkpoints else None
     started = time.perf_counter()
     try:
-        state = fit(engine=engine, all_reduce=comm.all_reduce, batches=parts.stream.batches(state.position), cfg=cfg,
+        state = fit(engine=engine, all_reduce=comm.all_reduce, batches=parts.stream.batches(state.position),
+                    step=StepSettings.of(cfg), schedule=cfg.schedule,
                     state=state, total_steps=parts.total_steps, pad_id=padding, log=run.log,
                     save=lambda s: run.save_checkpoint(engine, comm, s, cfg, parts.identity, also=hf_copy),
                     evaluate=evaluator,
@@ -176,13 +177,13 @@ def _train(cfg: TrainConfig, parts: Setup, engine: TrainEngine, policy: Policy) 
     elapsed = time.perf_counter() - started
     # A rerun of a finished run trains nothing; its model is already there, unless the kill came before it was.
     # Rank 0 decides for all: under ZeRO-3 the save is a collective gather.
-    model_dir = Path(cfg.output) / "model"
-    model_saved = cfg.save_model and comm.agreed(state.step > first_step or not model_dir.exists(), engine.device)
+    model_dir = Path(cfg.io.output) / "model"
+    model_saved = cfg.io.save_model and comm.agreed(state.step > first_step or not model_dir.exists(), engine.device)
     if model_saved:
         policy.save(engine, comm.rank, model_dir)
     history = state.history
     summary = {
-        "output": cfg.output, "steps": state.step, "steps_this_run": state.step - first_step,
+        "output": cfg.io.output, "steps": state.step, "steps_this_run": state.step - first_step,
         "world_size": comm.world_size, "seconds": round(elapsed, 2),
         "cache_check_seconds": round(parts.cache_check_seconds, 3), "model_saved": model_saved,
         "final": history.last_step_metrics or {},

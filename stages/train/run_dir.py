@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,20 +28,12 @@ import torch
 
 from selpipe.pipeline import __version__
 from selpipe.pipeline.atomic import write_json_atomic, write_text_atomic
-from selpipe.pipeline.config import TrainConfig, to_dict
+from selpipe.pipeline.config import TrainConfig, default_settings, identity_settings, to_dict
 from selpipe.pipeline.errors import CacheError, ConfigError
 from selpipe.pipeline.stream import StreamPosition
 
 MARKER = ".selpipe-run.json"
 
-# Settings a resumed run must share with its checkpoint: they fix the row order, the loss and the
-# optimizer (whose learning rate, betas and weight decay the checkpoint restores over any new value).
-# The caches are compared by content, not path: the same cache may be mounted elsewhere.
-RESUME_INVARIANTS = ("global_batch_size", "seed", "shuffle_window", "length_bucketing", "top_k", "loss_type", "beta",
-                     "label_smoothing", "simpo_gamma", "rpo_alpha", "rpo_tokens", "max_steps", "epochs",
-                     "learning_rate", "min_lr_ratio", "schedule", "warmup_steps", "weight_decay", "adam_betas",
-                     "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "load_in_4bit", "precision",
-                     "zero_stage")
 
 
 @dataclass
@@ -83,10 +75,10 @@ def check_output(cfg: TrainConfig) -> None:
     It must be new, an empty directory, or a selpipe run (marked by `MARKER`), and it must not
     overlap the policy or any cache: a run there would overwrite the user's model or scores.
     """
-    output = Path(cfg.output)
+    output = Path(cfg.io.output)
     resolved = output.resolve()
-    inputs = {"--policy": cfg.policy, "--cache": cfg.cache, "--anchor-scores": cfg.anchor_scores,
-              "--eval-cache": cfg.eval_cache}
+    inputs = {"--policy": cfg.io.policy, "--cache": cfg.io.cache, "--anchor-scores": cfg.io.anchor_scores,
+              "--eval-cache": cfg.io.eval_cache}
     for flag, value in inputs.items():
         if value is not None and _overlaps(resolved, Path(value).resolve()):
             raise ConfigError(f"--output {output} overlaps {flag} {value}: a run would write into your inputs; "
@@ -111,19 +103,22 @@ def _logged_step(line: str) -> int | None:
 
 def refuse_changed_settings(saved: dict[str, Any], cfg: TrainConfig, identity: dict[str, str | None],
                             world_size: int) -> None:
-    """A resume must keep what fixes the row order, the loss, the adapter and the optimizer state."""
+    """A resume must keep what fixes the row order, the loss, the adapter and the optimizer state
+    (`setting(identity=True)` in pipeline/config.py; the checkpoint restores the optimizer's
+    learning rate, betas and weight decay over any new value). The caches are compared by
+    content, not path: the same cache may be mounted elsewhere."""
     config = saved["config"]
     # A setting newer than the checkpoint had its default then.
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
-    changed = [f"--{k.replace('_', '-')} {config.get(k, defaults[k])!r} -> {getattr(cfg, k)!r}"
-               for k in RESUME_INVARIANTS if config.get(k, defaults[k]) != getattr(cfg, k)]
+    defaults = default_settings(TrainConfig)
+    changed = [f"--{k.replace('_', '-')} {config.get(k, defaults[k])!r} -> {value!r}"
+               for k, value in identity_settings(cfg).items() if config.get(k, defaults[k]) != value]
     saved_identity = saved.get("identity") or {}
     changed += [f"--{name.replace('_', '-')} holds other scores than the checkpoint's" for name in identity
                 if saved_identity.get(name) != identity[name]]
     saved_world = saved.get("dp_world_size")
-    if cfg.zero_stage > 0 and saved_world is not None and saved_world != world_size:
+    if cfg.model.zero_stage > 0 and saved_world is not None and saved_world != world_size:
         # ZeRO 1-3 partition the optimizer state by rank; DeepSpeed cannot load it on another count.
-        changed.append(f"ranks {saved_world} -> {world_size} (ZeRO-{cfg.zero_stage} partitions by rank)")
+        changed.append(f"ranks {saved_world} -> {world_size} (ZeRO-{cfg.model.zero_stage} partitions by rank)")
     if changed:
         raise ConfigError(f"--resume with settings that differ from the checkpoint's ({', '.join(changed)}); "
                           f"resume with the original settings or start a new --output")
@@ -212,7 +207,7 @@ class RunDirectory:
             # Later steps than this one are leftovers of a killed run (never pointed to by `latest`).
             leftovers = [p for p in tags if int(p.name[5:]) > state.step]
             kept = [p for p in tags if int(p.name[5:]) <= state.step]
-            for old in leftovers + kept[:-cfg.keep_checkpoints]:
+            for old in leftovers + kept[:-cfg.io.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         comm.barrier()
         state.checkpoint_step = state.step

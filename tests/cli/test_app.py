@@ -1,4 +1,3 @@
-import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -6,7 +5,10 @@ import sys
 
 import pytest
 
-from selpipe.pipeline.config import ConfigError, ScoreConfig, TrainConfig, VerifyConfig, build_config, load_config_file
+from selpipe.pipeline.config import (
+    ConfigError, ScheduleConfig, ScoreConfig, TrainConfig, VerifyConfig, build_config, load_config_file,
+    setting_fields,
+)
 
 from ..conftest import REPO, run_cli
 
@@ -14,7 +16,7 @@ from ..conftest import REPO, run_cli
 @pytest.mark.parametrize("command, cls", [("score-ref", ScoreConfig), ("train", TrainConfig), ("verify", VerifyConfig)])
 def test_every_setting_is_a_flag_with_its_help_and_default(command, cls):
     help_text = " ".join(run_cli(command, "--help", env={"COLUMNS": "1000"}).stdout.split())
-    for field in dataclasses.fields(cls):
+    for _, field, _ in setting_fields(cls):
         flag = field.name.upper() if field.metadata["argument"] else f"--{field.name.replace('_', '-')}"
         assert flag in help_text, field.name
         assert " ".join(field.metadata["help"].split())[:40] in help_text, field.name
@@ -55,7 +57,7 @@ def test_list_and_number_or_word_settings_parse_as_flags():
     runner = CliRunner()
     result = runner.invoke(app, ["train", "--cache", "c", "--policy", "p", "--output", "o", "--adam-betas", "0.9,0.95"])
     assert result.exit_code == 0, result.output
-    assert seen[-1].adam_betas == [0.9, 0.95]
+    assert seen[-1].schedule.adam_betas == [0.9, 0.95]
     assert runner.invoke(app, ["train", "--cache", "c", "--policy", "p", "--output", "o", "--adam-betas", "0.9,x"]).exit_code == 2
     for value, expected in (("auto", "auto"), ("4", 4)):
         assert runner.invoke(app, ["score", "--input", "i", "--output", "o", "--model", "m", "--num-workers", value]).exit_code == 0
@@ -64,7 +66,7 @@ def test_list_and_number_or_word_settings_parse_as_flags():
 
 def test_flags_override_the_config_file_which_overrides_defaults(tmp_path):
     cfg = build_config(TrainConfig, {"cache": "c", "policy": "p", "output": "o", "beta": 0.2, "top_k": 0.5}, {"beta": 0.3})
-    assert (cfg.beta, cfg.top_k, cfg.learning_rate) == (0.3, 0.5, TrainConfig.learning_rate)
+    assert (cfg.loss.beta, cfg.loss.top_k, cfg.schedule.learning_rate) == (0.3, 0.5, ScheduleConfig.learning_rate)
     with pytest.raises(ConfigError, match="unknown setting.*: betta"):
         build_config(TrainConfig, {"cache": "c", "policy": "p", "output": "o", "betta": 0.2}, {})
 
@@ -73,7 +75,7 @@ def test_errors_are_one_line_and_exit_2(tmp_path):
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"cache": "c", "policy": "p", "output": "o", "top_k": 2}))
     result = run_cli("train", "--config", config, check=False)
-    assert result.returncode == 2 and result.stderr.strip() == "error: --top-k must be in (0, 1]; got 2.0. Use 1 for plain DPO."
+    assert result.returncode == 2 and result.stderr.strip() == "error: --top-k must be in (0, 1]; got 2.0"
     missing = run_cli("score-ref", "--input", tmp_path / "none.jsonl", "--output", tmp_path / "c", "--model", "m", check=False)
     assert missing.returncode == 2 and "error:" in missing.stderr and "Traceback" not in missing.stderr
 
@@ -97,7 +99,7 @@ def test_shipped_configs_name_their_command_and_hold_only_known_settings():
 def test_config_file_types_are_checked():
     with pytest.raises(ConfigError, match="setting 'beta' must be float; got 'high'"):
         build_config(TrainConfig, {"cache": "c", "policy": "p", "output": "o", "beta": "high"}, {})
-    assert build_config(TrainConfig, {"cache": "c", "policy": "p", "output": "o", "beta": 1}, {}).beta == 1.0
+    assert build_config(TrainConfig, {"cache": "c", "policy": "p", "output": "o", "beta": 1}, {}).loss.beta == 1.0
 
 
 def test_inspect_prints_the_summary_and_writes_the_selection_page(demo_cache, models, tmp_path):
@@ -113,7 +115,7 @@ def test_yaml_config_files_with_flags_over_them(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("# stage two\ncache: c\npolicy: p\noutput: o\nlearning-rate: 5e-7\nadam_betas: [0.9, 0.95]\nbeta: 0.2\n")
     cfg = build_config(TrainConfig, load_config_file(path), {"beta": 0.3})
-    assert (cfg.learning_rate, cfg.adam_betas, cfg.beta) == (5e-7, [0.9, 0.95], 0.3)
+    assert (cfg.schedule.learning_rate, cfg.schedule.adam_betas, cfg.loss.beta) == (5e-7, [0.9, 0.95], 0.3)
     (tmp_path / "bad.yml").write_text("beta: [1,\n")
     with pytest.raises(ConfigError, match=r"config file .*bad\.yml is not valid YAML"):
         load_config_file(tmp_path / "bad.yml")
@@ -132,7 +134,7 @@ def noisy(cfg):
     print("a notice from a library")
     os.write(1, b"a line from C\\n")
     subprocess.run(["echo", "a child process"], check=True)
-    return Report({"beta": cfg.beta})
+    return Report({"beta": cfg.loss.beta})
 
 app = typer.Typer()
 app.command("train")(config_command(TrainConfig, noisy))

@@ -70,6 +70,7 @@ def step(model, rows, micro):
     """One optimizer step's loss and gradient as the trainer computes them: the mean loss of each
     micro batch, each scaled by 1 / micro batches, gradients summed."""
     from selpipe.pipeline.logprobs import completion_logprobs
+    from selpipe.pipeline.config import LossConfig
     from selpipe.pipeline.loss import selective_dpo_loss
 
     model.zero_grad()
@@ -81,7 +82,7 @@ def step(model, rows, micro):
         policy, mask = to_padded(flat, batch.completion_lengths)
         b = batch.pairs
         loss = selective_dpo_loss(policy[:b], policy[b:], batch.reference[:b], batch.reference[b:], mask[:b], mask[b:],
-                                  beta=0.1).losses.mean() / count
+                                  LossConfig(beta=0.1)).losses.mean() / count
         loss.backward()
         total += loss.item()
         padded += batch.attention_mask.numel()
@@ -105,13 +106,14 @@ def test_sorted_micro_batches_give_the_same_step_with_less_padding(models):
 
 
 def test_top_k_selector_picks_what_the_loss_selects():
+    from selpipe.pipeline.config import LossConfig
     from selpipe.pipeline.loss import selective_dpo_loss
 
     batch = collate_pairs(random_pairs(5, seed=1))
     flat = -8 * torch.rand(sum(batch.completion_lengths), generator=torch.Generator().manual_seed(2))
     policy, mask = to_padded(flat, batch.completion_lengths)
     b = batch.pairs
-    out = selective_dpo_loss(policy[:b], policy[b:], batch.reference[:b], batch.reference[b:], mask[:b], mask[b:], top_k=0.3)
+    out = selective_dpo_loss(policy[:b], policy[b:], batch.reference[:b], batch.reference[b:], mask[:b], mask[b:], LossConfig(top_k=0.3))
     expected = torch.cat([out.chosen_selected, out.rejected_selected])[mask]
     assert torch.equal(top_k_selector(batch, 0.3)(flat), expected)
 

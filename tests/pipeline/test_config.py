@@ -2,10 +2,14 @@
 
 import pytest
 
-from selpipe.pipeline.config import TrainConfig
+from selpipe.pipeline.config import IOConfig, TrainConfig, build_config
 from selpipe.pipeline.errors import ConfigError
 
 REQUIRED = {"cache": "c", "policy": "p", "output": "o"}
+
+
+def train_config(**settings) -> TrainConfig:
+    return build_config(TrainConfig, {**REQUIRED, **settings})
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -15,14 +19,15 @@ REQUIRED = {"cache": "c", "policy": "p", "output": "o"}
     ({"save_every": -1}, "--save-every must be at least 0"),
     ({"min_lr_ratio": 0.1}, "--min-lr-ratio applies to --schedule cosine_with_min_lr only"),
     ({"loss_type": "ipo", "label_smoothing": 0.1}, "--loss-type ipo: the ipo loss has no label smoothing"),
-    ({"merge_adapter": True}, "set --lora-rank too"),
+    ({"merge_adapter": True}, "--merge-adapter merges an adapter: set --lora-rank too"),
+    ({"load_in_4bit": True}, "--load-in-4bit trains an adapter on a frozen 4-bit base: set --lora-rank too"),
     ({"report_to": "tensorboard,comet"}, "--report-to comet is not a tracker"),
 ])
 def test_bad_training_settings_are_refused(settings, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
-        TrainConfig(**REQUIRED, **settings)
+        train_config(**settings)
 
 
 def test_trackers_parse_none_and_lists():
-    assert TrainConfig(**REQUIRED, report_to="none").trackers() == []
-    assert TrainConfig(**REQUIRED, report_to="tensorboard, wandb").trackers() == ["tensorboard", "wandb"]
+    assert IOConfig(**REQUIRED, report_to="none").trackers() == []
+    assert IOConfig(**REQUIRED, report_to="tensorboard, wandb").trackers() == ["tensorboard", "wandb"]

@@ -6,6 +6,7 @@ from selpipe.pipeline.batching import collate_pairs, top_k_selector
 from selpipe.pipeline.logprobs import (
     check_output_head, completion_logprobs, completion_target_mask, pad_sequences, selective_completion_logprobs, to_padded,
 )
+from selpipe.pipeline.config import LossConfig
 from selpipe.pipeline.loss import selective_dpo_loss
 
 
@@ -136,7 +137,7 @@ def selective_loss(flat, batch, **settings):
     policy, mask = to_padded(flat, batch.completion_lengths)
     b = batch.pairs
     out = selective_dpo_loss(policy[:b], policy[b:], batch.reference[:b], batch.reference[b:], mask[:b], mask[b:],
-                             top_k=0.4, beta=0.1, **settings)
+                             LossConfig(top_k=0.4, beta=0.1, **settings))
     return out.losses.mean(), torch.cat([out.chosen_selected, out.rejected_selected])[mask]
 
 

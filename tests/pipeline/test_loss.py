@@ -6,7 +6,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selpipe.pipeline.loss import LOSS_TYPES, LOSSES, RPO_TOKENS, LossSettings, selective_dpo_loss
+from selpipe.pipeline.config import LOSS_TYPES, RPO_TOKENS, LossConfig
+from selpipe.pipeline.errors import ConfigError
+from selpipe.pipeline.loss import LOSSES, selective_dpo_loss
+
+TENSORS = ("policy_chosen", "policy_rejected", "reference_chosen", "reference_rejected", "chosen_mask", "rejected_mask")
+
+
+def dpo(*tensors, anchor_chosen=None, anchor_rejected=None, **arguments):
+    """`selective_dpo_loss` with the tensors positional or by name and the loss's settings as keywords."""
+    named = {name: arguments.pop(name) for name in TENSORS if name in arguments}
+    return selective_dpo_loss(*tensors, **named, settings=LossConfig(**arguments), anchor_chosen=anchor_chosen,
+                              anchor_rejected=anchor_rejected)
 
 
 def pair(values):
@@ -30,12 +41,12 @@ def test_golden_loss():
     z = 0.5 * (-1) - 0.5 * 1 = -1;  loss = -log sigmoid(-1) = log(1 + e) = 1.3132616875.
     With eps = 0.1: 0.9 * 1.3132617 + 0.1 * -log sigmoid(1) (= 0.3132617) = 1.2132617.
     """
-    out = selective_dpo_loss(**golden_inputs(), top_k=0.5, beta=0.5)
+    out = dpo(**golden_inputs(), top_k=0.5, beta=0.5)
     assert out.chosen_selected.int().tolist() == [[0, 1, 1]]
     assert out.rejected_selected.int().tolist() == [[1, 0]]
     assert out.chosen_rewards.item() == -0.5 and out.rejected_rewards.item() == 0.5
     assert out.losses.item() == pytest.approx(math.log(1 + math.e), abs=1e-6)
-    smoothed = selective_dpo_loss(**golden_inputs(), top_k=0.5, beta=0.5, label_smoothing=0.1)
+    smoothed = dpo(**golden_inputs(), top_k=0.5, beta=0.5, label_smoothing=0.1)
     assert smoothed.losses.item() == pytest.approx(0.9 * math.log(1 + math.e) + 0.1 * math.log(1 + math.exp(-1)), abs=1e-6)
 
 
@@ -78,7 +89,7 @@ def test_golden_value_of_each_loss(loss_type):
                   z = -1.25 - (-0.5) - 0.5 = -1.25;  loss = log(1 + e^1.25) = log(4.4903430) = 1.5019291
     """
     settings, loss, chosen_reward, rejected_reward = GOLDEN[loss_type]
-    out = selective_dpo_loss(**golden_inputs(), top_k=0.5, beta=0.5, loss_type=loss_type, **settings)
+    out = dpo(**golden_inputs(), top_k=0.5, beta=0.5, loss_type=loss_type, **settings)
     assert out.chosen_selected.int().tolist() == [[0, 1, 1]]
     assert out.rejected_selected.int().tolist() == [[1, 0]]
     assert out.losses.item() == pytest.approx(loss, abs=1e-6)
@@ -94,7 +105,7 @@ def test_golden_rpo_term(rpo_tokens, nll):
     selected: mask [0, 1, 1], p = [-2, -3], mean NLL = 5 / 2 = 2.5;  loss = 1.3132617 + 0.5 * 2.5 = 2.5632617
     The rewards do not change.
     """
-    out = selective_dpo_loss(**golden_inputs(), top_k=0.5, beta=0.5, rpo_alpha=0.5, rpo_tokens=rpo_tokens)
+    out = dpo(**golden_inputs(), top_k=0.5, beta=0.5, rpo_alpha=0.5, rpo_tokens=rpo_tokens)
     assert out.nll.item() == nll
     assert out.losses.item() == pytest.approx(softplus(1.0) + 0.5 * nll, abs=1e-6)
     assert (out.chosen_rewards.item(), out.rejected_rewards.item()) == (-0.5, 0.5)
@@ -111,7 +122,7 @@ def random_batch(seed, batch=8, width=11):
 def test_defaults_are_the_sigmoid_loss_bit_for_bit():
     """The new settings at their defaults leave the loss exactly what it was before they existed."""
     (pc, pr, rc, rr), (mc, mr) = random_batch(4)
-    out = selective_dpo_loss(pc, pr, rc, rr, mc, mr, top_k=0.4, beta=0.1, label_smoothing=0.05)
+    out = dpo(pc, pr, rc, rr, mc, mr, top_k=0.4, beta=0.1, label_smoothing=0.05)
     mc_sel, mr_sel = out.chosen_selected, out.rejected_selected
     chosen, rejected = ((pc - rc) * mc_sel).sum(1), ((pr - rr) * mr_sel).sum(1)
     margins = 0.1 * (chosen - rejected)
@@ -121,7 +132,7 @@ def test_defaults_are_the_sigmoid_loss_bit_for_bit():
 
 def test_k_one_is_standard_sigmoid_dpo():
     (pc, pr, rc, rr), (mc, mr) = random_batch(1)
-    out = selective_dpo_loss(pc, pr, rc, rr, mc, mr, top_k=1.0, beta=0.1)
+    out = dpo(pc, pr, rc, rr, mc, mr, top_k=1.0, beta=0.1)
     standard = -F.logsigmoid(0.1 * (((pc - rc) * mc).sum(1) - ((pr - rr) * mr).sum(1)))
     torch.testing.assert_close(out.losses, standard, rtol=0, atol=1e-7)
 
@@ -129,7 +140,7 @@ def test_k_one_is_standard_sigmoid_dpo():
 @pytest.mark.parametrize("k", [0.1, 0.4, 1.0])
 def test_policy_equal_to_anchor_gives_ln2(k):
     (pc, pr, _, _), (mc, mr) = random_batch(2)
-    out = selective_dpo_loss(pc, pr, pc.clone(), pr.clone(), mc, mr, top_k=k, beta=0.01)
+    out = dpo(pc, pr, pc.clone(), pr.clone(), mc, mr, top_k=k, beta=0.01)
     assert torch.all(out.losses == torch.tensor(math.log(2.0)))
 
 
@@ -148,10 +159,10 @@ def test_policy_equal_to_anchor(loss_type, k):
     """With a reference that differs from the anchor, the mask is non-trivial; the value is not."""
     (pc, pr, rc, rr), (mc, mr) = random_batch(2)
     inputs = dict(top_k=k, beta=0.01, loss_type=loss_type, **SETTINGS.get(loss_type, {}))
-    out = selective_dpo_loss(pc, pr, rc, rr, mc, mr, anchor_chosen=pc.clone(), anchor_rejected=pr.clone(), **inputs)
+    out = dpo(pc, pr, rc, rr, mc, mr, anchor_chosen=pc.clone(), anchor_rejected=pr.clone(), **inputs)
     expected = AT_ANCHOR[loss_type]
     if expected is None:  # reference-free: any other anchor gives the very same losses
-        other = selective_dpo_loss(pc, pr, rc, rr, mc, mr, anchor_chosen=rc, anchor_rejected=rr, **inputs)
+        other = dpo(pc, pr, rc, rr, mc, mr, anchor_chosen=rc, anchor_rejected=rr, **inputs)
         assert torch.equal(out.losses, other.losses) and torch.equal(out.chosen_rewards, other.chosen_rewards)
     else:
         torch.testing.assert_close(out.losses, torch.full_like(out.losses, expected), rtol=1e-6, atol=0)
@@ -164,7 +175,7 @@ def test_unselected_tokens_get_exactly_zero_gradient_in_every_loss(loss_type, rp
     (pc, pr, rc, rr), (mc, mr) = random_batch(3)
     pc, pr = pc.clone().requires_grad_(), pr.clone().requires_grad_()
     rpo = {} if rpo_tokens is None else {"rpo_alpha": 0.5, "rpo_tokens": rpo_tokens}
-    out = selective_dpo_loss(pc, pr, rc, rr, mc, mr, top_k=0.4, beta=0.01, loss_type=loss_type,
+    out = dpo(pc, pr, rc, rr, mc, mr, top_k=0.4, beta=0.01, loss_type=loss_type,
                              **SETTINGS.get(loss_type, {}), **rpo)
     out.losses.mean().backward()
     for grad, selected in ((pc.grad, out.chosen_selected), (pr.grad, out.rejected_selected)):
@@ -175,7 +186,7 @@ def test_unselected_tokens_get_exactly_zero_gradient_in_every_loss(loss_type, rp
 def test_unselected_tokens_get_exactly_zero_gradient():
     (pc, pr, rc, rr), (mc, mr) = random_batch(3)
     pc, pr = pc.clone().requires_grad_(), pr.clone().requires_grad_()
-    out = selective_dpo_loss(pc, pr, rc, rr, mc, mr, top_k=0.4, beta=0.1)
+    out = dpo(pc, pr, rc, rr, mc, mr, top_k=0.4, beta=0.1)
     out.losses.mean().backward()
     for grad, selected in ((pc.grad, out.chosen_selected), (pr.grad, out.rejected_selected)):
         assert torch.all(grad[~selected] == 0.0)
@@ -186,7 +197,7 @@ def test_rpo_over_all_chosen_tokens_moves_every_chosen_token_and_nothing_else():
     """rpo_tokens="all" (TRL's choice) reaches the chosen tokens the mask left out, not the rejected ones."""
     (pc, pr, rc, rr), (mc, mr) = random_batch(3)
     pc, pr = pc.clone().requires_grad_(), pr.clone().requires_grad_()
-    out = selective_dpo_loss(pc, pr, rc, rr, mc, mr, top_k=0.4, beta=0.01, rpo_alpha=1.0, rpo_tokens="all")
+    out = dpo(pc, pr, rc, rr, mc, mr, top_k=0.4, beta=0.01, rpo_alpha=1.0, rpo_tokens="all")
     out.losses.mean().backward()
     assert torch.all(pc.grad[mc] != 0.0) and torch.all(pc.grad[~mc] == 0.0)
     assert torch.all(pr.grad[~out.rejected_selected] == 0.0)
@@ -198,20 +209,24 @@ def test_settings_are_validated():
 
     assert typing.get_args(config.LossType) == LOSS_TYPES == tuple(LOSSES)
     assert typing.get_args(config.RpoTokens) == RPO_TOKENS == ("all", "selected")
-    for bad in ({"loss_type": "kto"}, {"beta": 0.0}, {"label_smoothing": -0.1}, {"loss_type": "hinge", "label_smoothing": 0.1},
-                {"loss_type": "ipo", "label_smoothing": 0.1}, {"loss_type": "robust", "label_smoothing": 0.5},
-                {"rpo_alpha": -1.0}, {"rpo_tokens": "rejected"}):
-        with pytest.raises(ValueError):
-            LossSettings(**bad)
-    with pytest.raises(ValueError, match="unknown loss type 'kto'"):
-        selective_dpo_loss(**golden_inputs(), loss_type="kto")
+    for bad, message in (({"loss_type": "kto"}, "--loss-type must be one of sigmoid, sigmoid_norm"),
+                         ({"beta": 0.0}, "--beta must be positive; got 0.0"),
+                         ({"beta": float("nan")}, "--beta must be a finite number; got nan"),
+                         ({"label_smoothing": -0.1}, r"--label-smoothing must be in \[0, 0.5\); got -0.1"),
+                         ({"loss_type": "hinge", "label_smoothing": 0.1}, "the hinge loss has no label smoothing"),
+                         ({"loss_type": "ipo", "label_smoothing": 0.1}, "the ipo loss has no label smoothing"),
+                         ({"loss_type": "robust", "label_smoothing": 0.5}, r"--label-smoothing must be in \[0, 0.5\)"),
+                         ({"rpo_alpha": -1.0}, "--rpo-alpha must be at least 0; got -1.0"),
+                         ({"rpo_tokens": "rejected"}, "--rpo-tokens must be one of all, selected; got 'rejected'")):
+        with pytest.raises(ConfigError, match=message):
+            LossConfig(**bad)
 
 
 def test_anchor_cache_anchors_the_reward_while_the_reference_scores():
     """Scores (hence the mask) come from the reference; rewards are measured against the anchor."""
     inputs = golden_inputs()
     anchor_chosen, anchor_rejected = pair([0.0, 0.0, 0.0]), pair([0.0, 0.0])
-    out = selective_dpo_loss(**inputs, top_k=0.5, beta=0.5, anchor_chosen=anchor_chosen, anchor_rejected=anchor_rejected)
+    out = dpo(**inputs, top_k=0.5, beta=0.5, anchor_chosen=anchor_chosen, anchor_rejected=anchor_rejected)
     assert out.chosen_selected.int().tolist() == [[0, 1, 1]]  # same mask as the golden case
     assert out.chosen_rewards.item() == 0.5 * (-2.0 - 3.0)    # masked sum of p - 0
     assert out.rejected_rewards.item() == 0.5 * -1.0
@@ -285,7 +300,7 @@ def test_k_one_equals_trls_own_dpo_loss(trl_batch):
     """TRL (a peer, not us) computes its sigmoid DPO loss on per-token log-probs; ours at k = 1
     on exactly the same per-token log-probs must agree to float precision."""
     trl_loss = trl_dpo_loss(trl_batch, ["sigmoid"])
-    ours = selective_dpo_loss(**trl_batch.ours, top_k=1.0, beta=0.1)
+    ours = dpo(**trl_batch.ours, top_k=1.0, beta=0.1)
     assert abs(trl_loss - math.log(2)) > 1e-3  # a non-trivial margin
     assert ours.losses.mean().item() == pytest.approx(trl_loss, abs=1e-6)
 
@@ -310,7 +325,7 @@ def test_k_one_equals_trl_for_each_loss(trl_batch, loss_type):
     if TRL_PARITY[loss_type] is None:
         pytest.skip(f"TRL 1.16 has no {loss_type} loss")
     trl_loss, settings = TRL_PARITY[loss_type](trl_batch)
-    ours = selective_dpo_loss(**trl_batch.ours, top_k=1.0, **{"beta": 0.1, **settings}, loss_type=loss_type)
+    ours = dpo(**trl_batch.ours, top_k=1.0, **{"beta": 0.1, **settings}, loss_type=loss_type)
     assert ours.chosen_selected.equal(trl_batch.ours["chosen_mask"])  # k = 1 keeps every token
     if AT_ANCHOR[loss_type] is not None:
         assert abs(trl_loss - AT_ANCHOR[loss_type]) > 1e-3  # not the trivial value of a zero margin
@@ -320,7 +335,7 @@ def test_k_one_equals_trl_for_each_loss(trl_batch, loss_type):
 def test_simpo_rewards_are_trls(trl_batch):
     """SimPO's reported reward is beta times the mean (selected) policy log-prob, as CPOTrainer's."""
     _, chosen_rewards, rejected_rewards = trl_simpo_loss(trl_batch, beta=2.0, gamma=0.7)
-    ours = selective_dpo_loss(**trl_batch.ours, top_k=1.0, beta=2.0, loss_type="simpo", simpo_gamma=0.7)
+    ours = dpo(**trl_batch.ours, top_k=1.0, beta=2.0, loss_type="simpo", simpo_gamma=0.7)
     torch.testing.assert_close(ours.chosen_rewards, chosen_rewards, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(ours.rejected_rewards, rejected_rewards, rtol=1e-6, atol=1e-6)
 
@@ -329,7 +344,7 @@ def test_trl_sigmoid_ignores_label_smoothing(trl_batch):
     """TRL 1.16's `sigmoid` has no eps (only robust, exo_pair and aot read it): k = 1 equals TRL at eps = 0 only."""
     assert trl_dpo_loss(trl_batch, ["sigmoid"], label_smoothing=0.1) == trl_dpo_loss(trl_batch, ["sigmoid"])
     assert trl_dpo_loss(trl_batch, ["sigmoid_norm"], label_smoothing=0.1) == trl_dpo_loss(trl_batch, ["sigmoid_norm"])
-    smoothed = selective_dpo_loss(**trl_batch.ours, top_k=1.0, beta=0.1, label_smoothing=0.1).losses.mean().item()
+    smoothed = dpo(**trl_batch.ours, top_k=1.0, beta=0.1, label_smoothing=0.1).losses.mean().item()
     assert abs(smoothed - trl_dpo_loss(trl_batch, ["sigmoid"])) > 1e-3
 
 
@@ -341,7 +356,7 @@ def test_rpo_term_against_trls_sft_term(trl_batch):
     alpha = 0.5
     trl_loss = trl_dpo_loss(trl_batch, ["sigmoid", "sft"], [1.0, alpha])
     bare = trl_dpo_loss(trl_batch, ["sigmoid"])
-    ours = selective_dpo_loss(**trl_batch.ours, top_k=1.0, beta=0.1, rpo_alpha=alpha, rpo_tokens="all")
+    ours = dpo(**trl_batch.ours, top_k=1.0, beta=0.1, rpo_alpha=alpha, rpo_tokens="all")
     counts = trl_batch.ours["chosen_mask"].sum(1).float()
     assert len(set(counts.tolist())) > 1  # chosen lengths differ, so the normalisations differ
     token_mean_nll = (ours.nll * counts).sum() / counts.sum()

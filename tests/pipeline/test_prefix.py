@@ -76,6 +76,7 @@ def test_selection_aware_head_on_shared_prompts(models):
     """Both levers at once: the selective loss's gradient through the shared forward and the
     selective head equals the plain path's."""
     from selpipe.pipeline.logprobs import to_padded
+    from selpipe.pipeline.config import LossConfig
     from selpipe.pipeline.loss import selective_dpo_loss
 
     model = AutoModelForCausalLM.from_pretrained(models["policy"])
@@ -86,7 +87,7 @@ def test_selection_aware_head_on_shared_prompts(models):
         policy, mask = to_padded(flat, batch.completion_lengths)
         b = batch.pairs
         return selective_dpo_loss(policy[:b], policy[b:], batch.reference[:b], batch.reference[b:], mask[:b], mask[b:],
-                                  top_k=0.4, beta=0.1).losses.mean()
+                                  LossConfig(top_k=0.4, beta=0.1)).losses.mean()
 
     loss(completion_logprobs(model, batch.input_ids, batch.attention_mask, batch.target_mask, 4)).backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from selpipe.pipeline.config import ConfigError, TrainConfig
+from selpipe.pipeline.config import BatchConfig, ConfigError
 from selpipe.stages.score_ref import run_score_ref
 from selpipe.stages.train import free_port
 
@@ -243,7 +243,7 @@ def test_refusals_before_training(tmp_path, demo_caches, models, score_config):
 
 
 def test_global_batch_must_split_over_ranks():
-    cfg = TrainConfig(cache="c", policy="p", output="o", global_batch_size=24, micro_batch_size=4)
+    cfg = BatchConfig(global_batch_size=24, micro_batch_size=4)
     assert cfg.gradient_accumulation_steps(2) == 3
     with pytest.raises(ConfigError, match=r"x ranks \(4\) = 16"):
         cfg.gradient_accumulation_steps(4)

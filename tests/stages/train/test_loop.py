@@ -11,9 +11,10 @@ import math
 import pytest
 import torch
 
-from selpipe.pipeline.config import TrainConfig
+from selpipe.pipeline.config import BatchConfig, LossConfig, ScheduleConfig
 from selpipe.pipeline.stream import StreamPosition
-from selpipe.stages.train.loop import TrainingDiverged, fit
+from selpipe.pipeline.forward import PolicyForward
+from selpipe.stages.train.loop import StepSettings, TrainingDiverged, fit
 from selpipe.stages.train.run_dir import TrainState
 
 
@@ -69,12 +70,11 @@ def batches():
         yield StreamPosition(0, 2 * step), [row(2 * step), row(2 * step + 1)]
 
 
-def config(**overrides) -> TrainConfig:
-    settings = dict(cache="c", policy="p", output="o", global_batch_size=2, micro_batch_size=2, top_k=1.0, beta=1.0)
-    return TrainConfig(**{**settings, **overrides})
+# Two pairs a step in one micro batch, plain DPO with beta 1: no cache, policy or run directory needed.
+STEP = StepSettings(LossConfig(top_k=1.0, beta=1.0), BatchConfig(global_batch_size=2, micro_batch_size=2), PolicyForward())
 
 
-def run_fit(cfg, total_steps, state=None, engine=None, with_eval=True):
+def run_fit(schedule, total_steps, state=None, engine=None, with_eval=True):
     engine = engine or FakeEngine()
     logged, saved, evaluated = [], [], []
 
@@ -82,14 +82,15 @@ def run_fit(cfg, total_steps, state=None, engine=None, with_eval=True):
         evaluated.append(step)
         return {"eval/loss": 0.5}
 
-    state = fit(engine=engine, all_reduce=lambda t: None, batches=batches(), cfg=cfg, state=state or TrainState(),
+    state = fit(engine=engine, all_reduce=lambda t: None, batches=batches(), step=STEP, schedule=schedule,
+                state=state or TrainState(),
                 total_steps=total_steps, pad_id=0, log=lambda step, m: logged.append((step, m)),
                 save=lambda s: saved.append(s.step), evaluate=evaluate if with_eval else None)
     return state, logged, saved, evaluated, engine
 
 
 def test_steps_evaluations_and_saves_happen_once_at_their_steps():
-    state, logged, saved, evaluated, engine = run_fit(config(eval_every=4, save_every=3), total_steps=10)
+    state, logged, saved, evaluated, engine = run_fit(ScheduleConfig(eval_every=4, save_every=3), total_steps=10)
     assert state.step == 10 and engine.steps == 10 and state.position == StreamPosition(0, 20)
     assert evaluated == [0, 4, 8, 10]
     assert saved == [3, 6, 9, 10]
@@ -101,19 +102,19 @@ def test_steps_evaluations_and_saves_happen_once_at_their_steps():
 def test_a_resumed_run_neither_evaluates_nor_saves_its_checkpoint_step_again():
     resumed = TrainState(step=6, position=StreamPosition(0, 12), checkpoint_step=6)
     resumed.history.last_eval_step = 4
-    state, logged, saved, evaluated, _ = run_fit(config(eval_every=4, save_every=3), total_steps=10, state=resumed)
+    state, logged, saved, evaluated, _ = run_fit(ScheduleConfig(eval_every=4, save_every=3), total_steps=10, state=resumed)
     assert evaluated == [8, 10] and saved == [9, 10] and logged[0][0] == 7
 
 
 def test_a_finished_run_rerun_does_nothing():
     done = TrainState(step=10, checkpoint_step=10)
     done.history.last_eval_step = 10
-    state, logged, saved, evaluated, engine = run_fit(config(eval_every=4, save_every=3), total_steps=10, state=done)
+    state, logged, saved, evaluated, engine = run_fit(ScheduleConfig(eval_every=4, save_every=3), total_steps=10, state=done)
     assert (logged, saved, evaluated, engine.steps) == ([], [], [], 0)
 
 
 def test_log_every_keeps_the_last_step():
-    _, logged, _, _, _ = run_fit(config(log_every=4), total_steps=10, with_eval=False)
+    _, logged, _, _, _ = run_fit(ScheduleConfig(log_every=4), total_steps=10, with_eval=False)
     assert [step for step, _ in logged] == [4, 8, 10]
 
 
@@ -124,7 +125,7 @@ def test_the_first_step_metrics_in_closed_form():
     loss = -log sigmoid(0.5) = 0.474077;  logps/chosen = -2, logps/rejected = -1
     dloss/dtheta = -sigmoid(-0.5) * (2 - 1) = -0.377541 per pair (mean over 2 equal pairs)
     """
-    _, logged, _, _, _ = run_fit(config(), total_steps=1, with_eval=False)
+    _, logged, _, _, _ = run_fit(ScheduleConfig(), total_steps=1, with_eval=False)
     step, metrics = logged[0]
     assert step == 1
     assert metrics["loss"] == pytest.approx(-math.log(1 / (1 + math.exp(-0.5))), abs=1e-6)
@@ -138,7 +139,8 @@ def test_a_non_finite_loss_stops_the_run_before_any_save_naming_the_step_and_row
     saved = []
     engine = FakeEngine(poison_at_step=3)
     with pytest.raises(TrainingDiverged, match=r"step 3: loss nan and gradient norm nan \(this rank's rows: r6, r7\); nothing of this step was saved"):
-        fit(engine=engine, all_reduce=lambda t: None, batches=batches(), cfg=config(save_every=1), state=TrainState(),
+        fit(engine=engine, all_reduce=lambda t: None, batches=batches(), step=STEP, schedule=ScheduleConfig(save_every=1),
+            state=TrainState(),
             total_steps=10, pad_id=0, log=lambda s, m: None, save=lambda s: saved.append(s.step))
     assert saved == [1, 2]
 
@@ -158,6 +160,7 @@ def test_weights_an_update_made_non_finite_are_never_checkpointed():
 
     engine.step = overflowing_step
     with pytest.raises(TrainingDiverged, match="step 2: the update left NaN or infinite weights"):
-        fit(engine=engine, all_reduce=lambda t: None, batches=batches(), cfg=config(save_every=1), state=TrainState(),
+        fit(engine=engine, all_reduce=lambda t: None, batches=batches(), step=STEP, schedule=ScheduleConfig(save_every=1),
+            state=TrainState(),
             total_steps=10, pad_id=0, log=lambda s, m: None, save=lambda s: saved.append(s.step))
     assert saved == [1]
