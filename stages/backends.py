@@ -1,9 +1,11 @@
-"""Reference scoring backends: token ids in, fp32 completion log-probs out.
+"""score-ref's reference scoring backends: token ids in, fp32 completion log-probs out.
 
 A request is `(token_ids, prompt_length)`; its answer is the log-probs of
 `token_ids[prompt_length:]`, each conditioned on everything before it. Both backends answer the
 same requests with the same meaning, so the cache does not depend on which one wrote it beyond
-float noise (which `selpipe verify` measures).
+float noise (which `selpipe verify` measures). The hf backend's forward is
+`selpipe.pipeline.scoring.score_requests`, shared with `selpipe verify`; this module adds what
+only score-ref needs: the token budget measured at start-up, `torch.compile`, and vLLM.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
+from selpipe.pipeline.model import load_causal_lm
 from selpipe.pipeline.logprobs import check_output_head, completion_logprobs, completion_target_mask
 from selpipe.pipeline.prefix import check_shared_prompts
 from selpipe.pipeline.scoring import Request, score_requests
@@ -123,11 +126,10 @@ class HFScorer:
                  device: str = "auto", token_budget: int | str = 16384, chunk_size: int = 256, pad_id: int = 0,
                  compile: bool = False, share_prompts: bool = False, max_length: int | None = None):
         import transformers
-        from transformers import AutoModelForCausalLM
 
         self.version = transformers.__version__
         self.device = resolve_device(device)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, revision=revision, dtype=TORCH_DTYPES[dtype]).to(self.device)
+        self.model = load_causal_lm(model_path, dtype=TORCH_DTYPES[dtype], flag="--model", revision=revision).to(self.device)
         self.model.eval()
         check_output_head(self.model)
         if share_prompts:

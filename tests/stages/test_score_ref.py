@@ -94,7 +94,7 @@ def test_a_model_that_cannot_score_is_refused_before_the_cache_is_claimed(tmp_pa
         run_score_ref(score_config(rows, tmp_path / "c", backend="vllm", max_length=1024, max_prompt_length=512))
     with pytest.raises(ConfigError, match="exceeds the model's context of 1024"):
         run_score_ref(score_config(rows, tmp_path / "c", max_length=2048, max_prompt_length=512))
-    with pytest.raises(ConfigError, match="cannot load a model config"):
+    with pytest.raises(ConfigError, match="--model .*tokenizer: cannot read the model's config"):
         run_score_ref(score_config(rows, tmp_path / "c", model=str(models["tokenizer"])))
     assert not (tmp_path / "c" / "header.json").exists()
 
@@ -190,6 +190,7 @@ def test_verify_passes_on_a_good_cache_and_fails_on_altered_log_probs(tmp_path, 
         from selpipe.pipeline.cache import ScoredPair
         pq.write_table(pairs_to_table([ScoredPair(**r) for r in table]), altered / shard["file"], **PARQUET_OPTIONS)
         shard["bytes"], shard["sha256"] = (altered / shard["file"]).stat().st_size, file_sha256(altered / shard["file"])
+    manifest["totals"]["bytes"] = sum(shard["bytes"] for shard in manifest["shards"])
     write_json_atomic(altered / "manifest.json", manifest)
     bad = run_cli("verify", altered, "--model", models["reference"], "--sample", "16", check=False)
     assert bad.returncode == 1 and "above the tolerance" in bad.stderr
@@ -213,38 +214,49 @@ def test_a_dataset_folder_of_parquet_files_scores_without_conversion(tmp_path, s
 
 # ---------------------------------------------------------------------------- claims that cannot mix or lock
 
-def _race(out, max_length, barrier, results):
-    from selpipe.stages.score_ref import _claim_directory
+def _race(out, worker, max_length, barrier, results, release):
+    from selpipe.pipeline.config import ScoreConfig
+    from selpipe.stages.score_executor import claim_cache
 
+    cfg = ScoreConfig(input="in.jsonl", output=str(out), model="m", num_workers=2, worker_index=worker)
     header = {"schema_version": 1, "reference": {}, "tokenizer_fingerprint": {}, "input": {"fingerprint": "f"},
-              "settings": {"max_length": max_length}, "backend": {"name": "hf"}}
+              "settings": {"max_length": max_length}, "backend": {"name": "hf"}, "slicing": {"by": "row id"}}
     barrier.wait()
     try:
-        results.put((max_length, "claimed" if _claim_directory(out, header) is None else "joined"))
+        with claim_cache(cfg, out, header, "test") as claim:
+            results.put((max_length, "claimed" if claim.header == header else "joined"))
+            release.wait(30)  # at work under the claim while the other decides
     except CacheError as err:
         results.put((max_length, f"refused: {err}"))
 
 
 def test_two_workers_with_other_settings_never_share_a_claim(tmp_path):
-    """Twenty races of two processes released together: one claims, the other is refused, every time."""
+    """Twenty races of two workers of different settings released together: one claims, the other
+    is refused because a worker is at work under the claim, every time; nothing is left but the
+    header and the winner's registration (no lease, no temporary file)."""
     import multiprocessing
 
     context = multiprocessing.get_context("fork")
     for round_ in range(20):
         out = tmp_path / f"c{round_}"
         out.mkdir()
-        barrier, results = context.Barrier(2), context.Queue()
-        workers = [context.Process(target=_race, args=(out, length, barrier, results)) for length in (64, 48)]
+        barrier, results, release = context.Barrier(2), context.Queue(), context.Event()
+        workers = [context.Process(target=_race, args=(out, index, length, barrier, results, release))
+                   for index, length in enumerate((64, 48))]
         for worker in workers:
             worker.start()
         outcomes = dict(results.get(timeout=30) for _ in workers)
+        release.set()
         for worker in workers:
             worker.join()
         assert sorted(o.split(":")[0] for o in outcomes.values()) == ["claimed", "refused"], outcomes
         winner = next(length for length, outcome in outcomes.items() if outcome == "claimed")
         assert json.loads((out / "header.json").read_text())["settings"]["max_length"] == winner
-        assert "already holds a cache made with other settings (settings.max_length:" in "".join(outcomes.values())
-        assert [p.name for p in out.iterdir()] == ["header.json"]  # no temporary file left
+        refusal = next(o for o in outcomes.values() if o.startswith("refused"))
+        assert "already holds a cache made with other settings (settings.max_length:" in refusal
+        assert "committed by worker(s) [" in refusal
+        index = (64, 48).index(winner)
+        assert sorted(p.name for p in out.iterdir()) == [f"config-worker-0000{index}.json", "header.json"]
 
 
 @pytest.mark.parametrize("broken", ["duplicate", "bad_json"])
@@ -267,18 +279,25 @@ def test_a_run_that_fails_before_its_first_shard_withdraws_its_claim(tmp_path, s
 
 
 def test_a_shard_from_another_cache_is_not_resumed(tmp_path, score_config, demo_rows):
-    """Shard 1 of a cache of other rows, copied in with its intact marker, would resume and lose 16 rows."""
+    """Shard 1 of a cache of other rows, copied in with its intact marker, would resume and lose 16 rows;
+    shard 2 of this very cache copied over shard 1 was scored under this header but holds other rows."""
     ours = write_jsonl(tmp_path / "ours.jsonl", demo_rows)
     theirs = write_jsonl(tmp_path / "theirs.jsonl", demo.generate_pairs(48, seed=4, id_prefix="o"))
     run_score_ref(score_config(ours, tmp_path / "a"))
     run_score_ref(score_config(theirs, tmp_path / "b"))
+    shard = tmp_path / "a" / "part-00000-000001.parquet"
     for suffix in (".parquet", ".json"):
-        shutil.copy(tmp_path / "b" / f"part-00000-000001{suffix}", tmp_path / "a" / f"part-00000-000001{suffix}")
+        shutil.copy(tmp_path / "b" / f"part-00000-000001{suffix}", shard.with_suffix(suffix))
     with pytest.raises(CacheError) as info:
         run_score_ref(score_config(ours, tmp_path / "a"))
-    assert str(info.value).startswith(f"{tmp_path / 'a' / 'part-00000-000001.parquet'}: a completed shard whose rows are "
-                                      f"not slice 1 of this worker's input (16 rows + 0 skipped recorded, the slice has 16; "
-                                      f"16 of its ids are missing, e.g. 't-00016'); it is not this cache's")
+    assert str(info.value).startswith(f"{shard}: a finished shard scored under another header")
+    for suffix in (".parquet", ".json"):
+        shutil.copy(tmp_path / "a" / f"part-00000-000002{suffix}", shard.with_suffix(suffix))
+    with pytest.raises(CacheError) as info:
+        run_score_ref(score_config(ours, tmp_path / "a"))
+    assert str(info.value).startswith(f"{tmp_path / 'a' / 'part-00000-000002.parquet'}: a completed shard whose rows "
+                                      f"are not slice 1 of this worker's input (16 rows + 0 skipped recorded, the slice "
+                                      f"has 16; 16 of its ids are missing, e.g. 't-00016'); it is not this cache's")
 
 
 def test_an_output_the_input_would_read_is_refused(tmp_path, score_config, demo_rows):
@@ -327,17 +346,18 @@ def test_disk_full_is_one_line_and_leaves_no_temporary_file(tmp_path, score_conf
 def test_a_read_only_output_is_one_line(tmp_path, score_config, demo_rows, monkeypatch):
     import errno
 
-    import selpipe.stages.score_ref as stage
+    import selpipe.stages.score_executor as executor
 
     def read_only(path, text):
         raise OSError(errno.EROFS, "Read-only file system", str(path))
 
-    monkeypatch.setattr(stage, "create_exclusive", read_only)
+    monkeypatch.setattr(executor, "create_exclusive", read_only)
     rows = write_jsonl(tmp_path / "in.jsonl", demo_rows[:4])
     with pytest.raises(CacheError) as info:
         run_score_ref(score_config(rows, tmp_path / "c"))
-    assert str(info.value) == (f"{tmp_path / 'c' / 'header.json'}: cannot write the cache header (Read-only file system): "
-                               f"the file system is read-only; choose a writable location")
+    assert str(info.value) == (f"{tmp_path / 'c' / '.lease-worker-00000'}: cannot take the lease on worker 0 (Read-only "
+                               f"file system): the file system is read-only; choose a writable location")
+    assert not (tmp_path / "c").exists()
 
 
 # ---------------------------------------------------------------------------- scale-out
@@ -369,13 +389,14 @@ def test_auto_workers_under_each_scheduler_cover_every_row_once(tmp_path, score_
 def test_many_files_are_dealt_whole_to_workers(tmp_path, score_config, demo_rows, monkeypatch):
     """Three files of 8, 8 and 4 rows for two workers: worker 0 reads a.jsonl (largest first, ties by
     name), worker 1 reads b.jsonl and c.jsonl; no worker opens another's file."""
-    import selpipe.stages.score_ref as stage
+    import selpipe.stages.score_executor as executor
 
     for name, part in (("a", demo_rows[:8]), ("b", demo_rows[8:16]), ("c", demo_rows[16:20])):
         write_jsonl(tmp_path / f"{name}.jsonl", part)
     opened = []
-    original = stage.read_file_records
-    monkeypatch.setattr(stage, "read_file_records", lambda file, scope="": opened.append(file.label) or original(file, scope))
+    original = executor.read_file_records
+    monkeypatch.setattr(executor, "read_file_records",
+                        lambda file, scope="", bound=None: opened.append(file.label) or original(file, scope, bound))
     for index in (0, 1):
         opened.clear()
         run_score_ref(score_config(tmp_path / "*.jsonl", tmp_path / "c", num_workers=2, worker_index=index))
@@ -401,7 +422,7 @@ def test_unloadable_models_and_unusable_outputs_are_one_line_exit_2(tmp_path, mo
     (broken / "model.safetensors").write_bytes(b"\0" * 64)  # the config loads; the weights do not
     (tmp_path / "a-file").write_text("")
     cases = {
-        (broken, tmp_path / "c"): f"error: cannot load the reference model from '{broken}' (SafetensorError: ",
+        (broken, tmp_path / "c"): f"error: --model {broken}: cannot load the model (SafetensorError: ",
         (models["reference"], tmp_path / "a-file"): f"error: {tmp_path / 'a-file'}: --output is a file; give a directory",
         (models["reference"], tmp_path / "a-file" / "c"): f"error: {tmp_path / 'a-file' / 'c'}: cannot create the cache "
                                                           f"directory (Not a directory): a parent of it is a file",

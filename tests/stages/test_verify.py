@@ -26,10 +26,10 @@ def test_bad_settings_are_refused(demo_cache, models, settings, message):
 
 def test_a_missing_model_is_named(demo_cache, tmp_path):
     missing = tmp_path / "no-such-model"
-    with pytest.raises(ConfigError, match=f"cannot load the model '{missing}'"):
+    with pytest.raises(ConfigError, match=f"cannot load a tokenizer from '{missing}'"):
         verify_cache(demo_cache, str(missing), sample=1)
     (tmp_path / "not-a-model").mkdir()
-    with pytest.raises(ConfigError, match="cannot load the model"):
+    with pytest.raises(ConfigError, match=f"cannot load a tokenizer from '{tmp_path / 'not-a-model'}'"):
         verify_cache(demo_cache, str(tmp_path / "not-a-model"), sample=1)
 
 
@@ -37,7 +37,8 @@ def test_an_empty_cache_fails(demo_cache, models, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     manifest = load_manifest(demo_cache)
-    write_json_atomic(empty / "manifest.json", {**manifest, "totals": {**manifest["totals"], "rows": 0}, "shards": []})
+    totals = {**manifest["totals"], "rows": 0, "bytes": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    write_json_atomic(empty / "manifest.json", {**manifest, "totals": totals, "shards": []})
     report = verify_cache(empty, str(models["reference"]))
     assert report["tokens_checked"] == 0 and report["worst_token"] is None
     assert report["passed"] is False
@@ -55,6 +56,7 @@ def test_the_worst_token_names_row_side_and_position(demo_cache, models, tmp_pat
     target["rejected_ref_logps"][3] += 0.5
     pq.write_table(pairs_to_table([ScoredPair(**r) for r in rows]), altered / shard["file"], **PARQUET_OPTIONS)
     shard["bytes"], shard["sha256"] = (altered / shard["file"]).stat().st_size, file_sha256(altered / shard["file"])
+    manifest["totals"]["bytes"] = sum(s["bytes"] for s in manifest["shards"])
     write_json_atomic(altered / "manifest.json", manifest)
 
     report = verify_cache(altered, str(models["reference"]), sample=96)
