@@ -86,10 +86,14 @@ def _words(hint: Any) -> tuple[Any, ...]:
     return tuple(w for m in _members(hint) if typing.get_origin(m) is Literal for w in typing.get_args(m))
 
 
-def _kinds(hint: Any) -> list[str]:
-    """What a setting may be, in words: ['int', "'auto'"] for `int | Literal['auto']`."""
-    return ([getattr(m, "__name__", str(m)) for m in _members(hint) if typing.get_origin(m) is not Literal]
-            + [repr(w) for w in _words(hint)])
+_KIND_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}
+
+
+def _kinds(hint: Any) -> str:
+    """What a setting may be, in words: "an integer or 'auto'" for `int | Literal['auto']`."""
+    kinds = [_KIND_WORDS.get(typing.get_origin(m) or m, getattr(m, "__name__", str(m)))
+             for m in _members(hint) if typing.get_origin(m) is not Literal]
+    return " or ".join(kinds + [repr(w) for w in _words(hint)])
 
 
 def _is_number(value: Any) -> bool:
@@ -130,13 +134,12 @@ def check_setting(cfg: Any, f: dataclasses.Field) -> None:
         return
     if isinstance(value, bool):
         if bool not in _members(hint):
-            raise ConfigError(f"{name} must be {' or '.join(_kinds(hint))}; got {value!r}")
+            raise ConfigError(f"{name} must be {_kinds(hint)}; got {value!r}")
         return
     if words and not numeric and value not in words:
         raise ConfigError(f"{name} must be one of {', '.join(map(str, words))}; got {value!r}")
     if words and numeric and not _is_number(value) and value not in words:
-        kind = "an integer" if int in _members(hint) else "a number"
-        raise ConfigError(f"{name} must be {kind} or {' or '.join(map(str, words))}; got {value!r}")
+        raise ConfigError(f"{name} must be {_kinds(hint)}; got {value!r}")
     if not _is_number(value):
         return
     if isinstance(value, float) and int in _members(hint) and float not in _members(hint):
@@ -591,11 +594,11 @@ def build_config(cls: type[ConfigT], file_values: dict[str, Any], overrides: dic
     """Defaults < config file < explicit overrides, all flat (`top_k`), built into the class's
     groups; unknown keys are an error naming them. Each group checks itself as it is built."""
     values = {**file_values, **(overrides or {})}
-    hints = {f.name: hint for _, f, hint in setting_fields(cls)}
-    unknown = sorted(set(values) - set(hints))
+    settings = {f.name: (f, hint) for _, f, hint in setting_fields(cls)}
+    unknown = sorted(set(values) - set(settings))
     if unknown:
         raise ConfigError(f"unknown setting(s) in config file: {', '.join(unknown)}")
-    return _build(cls, {name: _coerce(hints[name], name, value) for name, value in values.items()})
+    return _build(cls, {name: _coerce(settings[name][1], settings[name][0], value) for name, value in values.items()})
 
 
 def _build(cls: type, values: dict[str, Any]) -> Any:
@@ -609,27 +612,25 @@ def _build(cls: type, values: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
-def _coerce(hint: Any, name: str, value: Any) -> Any:
-    """JSON gives 2 for 2.0; accept an int for a float setting, refuse any other type mismatch.
+def _coerce(hint: Any, f: dataclasses.Field, value: Any) -> Any:
+    """A config file's value for a setting: JSON gives 2 for 2.0, so an int is accepted for a float
+    setting; any other type mismatch is refused naming the flag (a file may hold anything).
 
     A Literal (or a union with one, such as `int | Literal["auto"]`) takes its words as they are;
     `check_settings` checks the words.
     """
     if typing.get_origin(hint) is Literal or value is None:
         return value
-    members = _members(hint)
-    words = _words(hint)
-    if value in words and isinstance(value, str):
+    if value in _words(hint) and isinstance(value, str):
         return value
-    allowed = tuple(typing.get_origin(m) or m for m in members
+    allowed = tuple(typing.get_origin(m) or m for m in _members(hint)
                     if typing.get_origin(m) is not Literal and isinstance(typing.get_origin(m) or m, type))
     if not allowed:
         return value
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-        names = [a.__name__ for a in allowed] + [repr(word) for word in words]
-        raise ConfigError(f"setting {name!r} must be {' or '.join(names)}; got {value!r}")
+        raise ConfigError(f"{flag_name(f)} must be {_kinds(hint)}; got {value!r}")
     return value
 
 

@@ -80,6 +80,20 @@ def test_errors_are_one_line_and_exit_2(tmp_path):
     assert missing.returncode == 2 and "error:" in missing.stderr and "Traceback" not in missing.stderr
 
 
+@pytest.mark.parametrize("args, line", [
+    (("train", "--cache", "c", "--policy", "p", "--output", "o", "--gradient-clipping", "-1"),
+     "error: --gradient-clipping must be at least 0; got -1.0"),
+    (("train", "--cache", "c", "--policy", "p", "--output", "o", "--learning-rate", "nan"),
+     "error: --learning-rate must be a finite number; got nan"),
+    (("score-ref", "--input", "i", "--output", "o", "--model", "m", "--gpu-memory-utilization", "inf"),
+     "error: --gpu-memory-utilization must be a finite number; got inf"),
+])
+def test_one_bad_number_is_one_line_and_exit_2_before_anything_loads(args, line, tmp_path):
+    """The paths do not exist: the settings are refused before any of them is looked at."""
+    result = run_cli(*args, check=False)
+    assert (result.returncode, result.stderr.strip(), result.stdout) == (2, line, "")
+
+
 def test_configuration_docs_are_generated_from_the_settings():
     spec = importlib.util.spec_from_file_location("generate", REPO / "docs" / "generate.py")
     generate = importlib.util.module_from_spec(spec)
@@ -97,7 +111,7 @@ def test_shipped_configs_name_their_command_and_hold_only_known_settings():
 
 
 def test_config_file_types_are_checked():
-    with pytest.raises(ConfigError, match="setting 'beta' must be float; got 'high'"):
+    with pytest.raises(ConfigError, match="--beta must be a number; got 'high'"):
         build_config(TrainConfig, {"cache": "c", "policy": "p", "output": "o", "beta": "high"}, {})
     assert build_config(TrainConfig, {"cache": "c", "policy": "p", "output": "o", "beta": 1}, {}).loss.beta == 1.0
 
