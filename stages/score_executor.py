@@ -19,12 +19,14 @@ The protocol, in the order files appear:
                                 after checking that every record was scored under this header
 
 Who may share the directory. The workers of one job do, by design: they agree on the header
-(compared by content, not path) and each writes only its own worker index's files. Two
-processes for one worker index never do: each worker holds an exclusive lease on its index
-(`.lease-worker-WWWWW`) for its whole run, so a second run into the same `--output` at once is
-refused, unless the holder is provably gone (the same host and a dead process, or a Slurm
-requeue of the same job). Creating, joining, replacing and withdrawing the header happen under a
-short lease on the directory (`.lease-claim`), so those decisions never interleave.
+(compared by content, not path) and each writes only its own worker index's files, so a lease on
+the whole directory would serialize a job against itself. Two processes for one worker index
+never do: each worker holds an exclusive lease on its index (`.selpipe-lease-worker-WWWWW.json`,
+`pipeline.ownership`'s NFS-safe lease) for its whole run, so a second run of that worker into
+the same `--output` at once is refused, unless the holder is provably gone (a dead process on
+this host, or a Slurm requeue of the same job and array task). Creating, joining, replacing and
+withdrawing the header happen under a short lock on the directory
+(`.selpipe-lease-claim.json`, milliseconds, waited for), so those decisions never interleave.
 
 What commits. A header commits the directory once a shard is finished under it, or while a worker
 holding its lease works under it: then a run with other settings is refused. A header with
@@ -40,7 +42,7 @@ import dataclasses
 import hashlib
 import json
 import os
-import socket
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,10 +58,11 @@ from selpipe.pipeline.cache import ShardRecord, completed_shard, summarize, writ
 from selpipe.pipeline.config import ConfigError, ScoreConfig, to_dict
 from selpipe.pipeline.errors import CacheError, storage_errors
 from selpipe.pipeline.formats import BadRowError, InputError, InputSource, Record, parse_row, read_file_records
+from selpipe.pipeline.ownership import Holder, acquire, check_output, setting_differences
 from selpipe.pipeline.workers import place_worker
 
 HEADER = "header.json"
-CLAIM_LEASE = ".lease-claim"
+CLAIM_LOCK = ".selpipe-lease-claim.json"
 # The keys of a header that say what a cache holds; a rerun must agree on all of them.
 IDENTITY_KEYS = ("schema_version", "reference", "tokenizer_fingerprint", "input", "settings", "slicing", "backend")
 
@@ -195,14 +198,8 @@ def _comparable(key: str, entry: Any) -> Any:
 def differences(existing: dict[str, Any], header: dict[str, Any]) -> list[str]:
     """What differs between two headers, one `key.field: old -> new` entry each."""
     keys = [k for k in IDENTITY_KEYS if k != "slicing" or "slicing" in existing]  # old caches were sliced by row id
-    differing = []
-    for key in keys:
-        old, new = _comparable(key, existing.get(key)), _comparable(key, header.get(key))
-        if isinstance(old, dict) and isinstance(new, dict):
-            differing += [f"{key}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-        elif old != new:
-            differing.append(f"{key}: {old!r} -> {new!r}")
-    return differing
+    return setting_differences({k: _comparable(k, existing.get(k)) for k in keys},
+                               {k: _comparable(k, header.get(k)) for k in keys}, keys=keys)
 
 
 def _read_header(path: Path) -> dict[str, Any] | None:
@@ -223,83 +220,68 @@ def _header_text(header: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------- leases
 
-def _holder() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+def worker_lease_name(worker: int) -> str:
+    return f".selpipe-lease-worker-{worker:05d}.json"
 
 
-def _alive(pid: int) -> bool:
+def _judge() -> Holder:
+    """This process as the judge of other workers' leases. A worker of the same Slurm job (a torchrun
+    rank beside this one) is alive as far as anyone here knows, so the requeue rule (same job:
+    gone) that lets a worker take over its own index must not declare its siblings gone."""
+    return dataclasses.replace(Holder.me("score-ref"), slurm_job_id=None)
+
+
+def _holder_of(path: Path) -> Holder | None:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
-    return True
+        return Holder(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None  # released meanwhile, or not a lease: no live holder to wait for
 
 
-def _gone(holder: Any, same_job_is_gone: bool) -> bool:
-    """Whether a lease's holder is provably gone: a dead process on this host, or (for a worker's
-    lease) this very Slurm job, requeued. Anything else may be alive elsewhere."""
-    if not isinstance(holder, dict):
-        return False
-    mine = _holder()
-    if same_job_is_gone and mine["slurm_job_id"] and holder.get("slurm_job_id") == mine["slurm_job_id"]:
-        return True
-    pid = holder.get("pid")
-    return holder.get("host") == mine["host"] and isinstance(pid, int) and not _alive(pid)
+def _live_workers(out: Path, but: int) -> list[int]:
+    """Indices of other workers whose lease is held now by a process not provably gone."""
+    judge, live = _judge(), []
+    for path in out.glob(".selpipe-lease-worker-*.json"):
+        index = int(path.name[len(".selpipe-lease-worker-"):-len(".json")])
+        holder = _holder_of(path)
+        if index != but and holder is not None and not holder.is_gone(judge):
+            live.append(index)
+    return sorted(live)
 
 
 @contextmanager
-def exclusive_lease(path: Path, what: str, *, wait_s: float = 0.0, same_job_is_gone: bool = True) -> Iterator[None]:
-    """Hold `path` exclusively for the block, or refuse in one line naming its live holder."""
-    import time
-
-    deadline = time.monotonic() + wait_s
-    text = json.dumps(_holder()) + "\n"
-    while not _create(path, text, what):
-        try:
-            seen = path.read_text()
-            holder = json.loads(seen)
-        except FileNotFoundError:
-            continue  # released meanwhile
-        except ValueError:
-            holder, seen = None, None
-        if seen is not None and _gone(holder, same_job_is_gone) and path.read_text() == seen:
-            path.unlink(missing_ok=True)
-            continue
-        if time.monotonic() >= deadline:
-            who = (f"process {holder.get('pid')} on {holder.get('host')}" + (f" (Slurm job {holder['slurm_job_id']})"
-                   if holder.get("slurm_job_id") else "")) if isinstance(holder, dict) else "an unreadable holder"
-            raise CacheError(f"{path.parent}: {what} is held by {who}; wait for it to finish, or if it is surely gone "
-                             f"(its host rebooted), remove {path} and rerun")
-        time.sleep(0.05)
+def _claim_lock(out: Path) -> Iterator[None]:
+    """The directory's short lock around header decisions (milliseconds): waited for, taken over
+    only from a holder provably gone (never from a sibling of the same job, see `_judge`)."""
+    path, me = out / CLAIM_LOCK, Holder.me("score-ref")
+    text = json.dumps(dataclasses.asdict(me)) + "\n"
+    deadline = time.monotonic() + 30
+    with storage_errors("lock the cache's header", path, CacheError):
+        while not create_exclusive(path, text):
+            holder = _holder_of(path)
+            if holder is not None and holder.is_gone(_judge()):
+                path.unlink(missing_ok=True)  # its holder died inside the lock
+            elif time.monotonic() > deadline:
+                who = holder.describe() if holder is not None else "an unreadable holder"
+                raise CacheError(f"{path}: the lock on {out}'s header is held by {who} for over 30 s; if no selpipe "
+                                 f"run is starting there, remove {path}")
+            time.sleep(0.02)
     try:
         yield
     finally:
         path.unlink(missing_ok=True)
 
 
-def _create(path: Path, text: str, what: str) -> bool:
-    with storage_errors(f"take the lease on {what}", path, CacheError):
-        return create_exclusive(path, text)
-
-
-def worker_lease(out: Path, worker: int) -> Path:
-    return out / f".lease-worker-{worker:05d}"
-
-
-def _live_workers(out: Path, but: int) -> list[int]:
-    """Indices of other workers whose lease is held now (by a process not provably gone)."""
-    live = []
-    for path in out.glob(".lease-worker-*"):
-        try:
-            holder = json.loads(path.read_text())
-        except (OSError, ValueError):
-            holder = None
-        index = int(path.name.rsplit("-", 1)[1])
-        if index != but and not _gone(holder, same_job_is_gone=False):
-            live.append(index)
-    return sorted(live)
+@contextmanager
+def _worker_lease(out: Path, worker: int) -> Iterator[None]:
+    """One process per worker index at a time (`pipeline.ownership`'s lease): a second run of the
+    same worker into this --output is refused unless the first is provably gone."""
+    with storage_errors(f"take worker {worker}'s lease", out / worker_lease_name(worker), CacheError):
+        lease = acquire(out, "score-ref", worker_lease_name(worker))
+    try:
+        yield
+    finally:
+        lease.release()
 
 
 # ---------------------------------------------------------------------------- the claim
@@ -323,9 +305,7 @@ def _decide(out: Path, header: dict[str, Any], worker: int) -> dict[str, Any]:
         if records or any(out.glob("part-*.parquet")):
             raise CacheError(f"{out} holds shards but no {HEADER}, so nothing says how they were made; "
                              f"write to a new --output (or move the shards away)")
-        if any(not p.name.startswith(".") for p in out.iterdir()):  # hidden: leases and temporary files
-            raise CacheError(f"--output {out} is a directory that is neither empty nor a score cache; choose a new or "
-                             f"empty --output (selpipe will not write among files it did not create)")
+        check_output(out, markers=(HEADER,), ignore_hidden=True, kind="score cache")  # new or empty, else refused
         write_json_atomic(path, header)
         return header
     existing = _read_header(path)
@@ -358,9 +338,9 @@ def claim_cache(cfg: ScoreConfig, out: Path, header: dict[str, Any], origin: str
     with storage_errors("create the cache directory", out, CacheError):
         out.mkdir(parents=True, exist_ok=True)
     try:
-        with exclusive_lease(worker_lease(out, cfg.worker_index), f"worker {cfg.worker_index}"):
+        with _worker_lease(out, cfg.worker_index):
             with storage_errors("write the cache header", out / HEADER, CacheError):
-                with exclusive_lease(out / CLAIM_LEASE, "the cache's header", wait_s=30, same_job_is_gone=False):
+                with _claim_lock(out):
                     agreed = _decide(out, header, cfg.worker_index)
                     # This worker is (re)writing shards: until it finishes, no manifest may claim the cache whole.
                     (out / f"worker-{cfg.worker_index:05d}.done.json").unlink(missing_ok=True)
@@ -385,7 +365,7 @@ def _withdraw(out: Path, worker: int) -> None:
     """After a failure, if this worker has no finished shard: remove its registration, and the header
     when no other worker has a shard or works now (under the claim lease, so no one joins meanwhile)."""
     try:
-        with exclusive_lease(out / CLAIM_LEASE, "the cache's header", wait_s=30, same_job_is_gone=False):
+        with _claim_lock(out):
             if any(out.glob(f"part-{worker:05d}-*.json")):
                 return  # this worker's shards from an earlier run: the claim stands and they resume
             (out / f"config-worker-{worker:05d}.json").unlink(missing_ok=True)

@@ -319,7 +319,7 @@ def test_an_output_that_is_someone_elses_directory_is_refused_untouched(tmp_path
     theirs.mkdir()
     (theirs / "manifest.json").write_text('{"mine": true}')
     rows = write_jsonl(tmp_path / "rows.jsonl", demo_rows[:4])
-    with pytest.raises(CacheError, match=r"--output .*project is a directory that is neither empty nor a score cache"):
+    with pytest.raises(ConfigError, match=r"--output .*project is a directory that is neither empty nor a score cache"):
         run_score_ref(score_config(rows, theirs))
     assert sorted(p.name for p in theirs.iterdir()) == ["manifest.json"]
     assert (theirs / "manifest.json").read_text() == '{"mine": true}'
@@ -346,17 +346,17 @@ def test_disk_full_is_one_line_and_leaves_no_temporary_file(tmp_path, score_conf
 def test_a_read_only_output_is_one_line(tmp_path, score_config, demo_rows, monkeypatch):
     import errno
 
-    import selpipe.stages.score_executor as executor
+    import selpipe.pipeline.ownership as ownership
 
     def read_only(path, text):
         raise OSError(errno.EROFS, "Read-only file system", str(path))
 
-    monkeypatch.setattr(executor, "create_exclusive", read_only)
+    monkeypatch.setattr(ownership, "create_exclusive", read_only)
     rows = write_jsonl(tmp_path / "in.jsonl", demo_rows[:4])
     with pytest.raises(CacheError) as info:
         run_score_ref(score_config(rows, tmp_path / "c"))
-    assert str(info.value) == (f"{tmp_path / 'c' / '.lease-worker-00000'}: cannot take the lease on worker 0 (Read-only "
-                               f"file system): the file system is read-only; choose a writable location")
+    assert str(info.value) == (f"{tmp_path / 'c' / '.selpipe-lease-worker-00000.json'}: cannot take worker 0's lease "
+                               f"(Read-only file system): the file system is read-only; choose a writable location")
     assert not (tmp_path / "c").exists()
 
 
