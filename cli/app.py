@@ -96,7 +96,8 @@ def main() -> None:
         app()
     except SelpipeError as err:
         typer.echo(f"error: {err}", err=True)
-        sys.exit(2)
+        # 2 for what the user must fix; an error may name another status (a preempted run: 75, rerun with --resume).
+        sys.exit(getattr(err, "exit_code", 2))
 
 
 if __name__ == "__main__":

@@ -233,9 +233,9 @@ class ScoreConfig(Settings):
     )
     append_eos: bool = setting(True, "Append the EOS token to string completions (chat completions end with the template's end-of-turn).", identity=True)
     on_bad_row: OnBadRow = setting("error", "Malformed rows: `error` stops with the row and field, `skip` counts them.", identity=True)
-    max_row_bytes: int = setting(16 << 20, "Largest input row in bytes (a JSON Lines line, a JSON array element); a larger "
-                                           "row is a bad row: reason `row_too_large` (counted under --on-bad-row skip), "
-                                           "never parsed.", identity=True, above=0)
+    max_row_bytes: int = setting(1 << 20, "Largest input row in bytes (a JSON Lines line); a larger row is never parsed: "
+                                          "a bad row with reason `row_too_large` (counted under --on-bad-row skip). 1 MiB "
+                                          "is ~250k tokens of text and costs ~300 MB while tokenized.", identity=True, above=0)
     num_workers: int | Literal["auto"] = setting(1, "Number of worker processes sharing this cache; `auto`: from the "
                                                     "Slurm array, Slurm tasks or torchrun (docs/scaling.md).", identity=True,
                                                  above=0)

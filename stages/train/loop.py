@@ -165,16 +165,25 @@ def fit(
     save: Callable[[TrainState], None],
     evaluate: Callable[[int], dict[str, float]] | None = None,
     on_step: Callable[[dict[str, Any]], None] = lambda metrics: None,
+    stop: Callable[[], bool] = lambda: False,
 ) -> TrainState:
     """Train from `state` to `total_steps` optimizer steps; returns the final state.
 
     Evaluates at step 0, every `eval_every` steps and at the last step; checkpoints every
-    `save_every` steps and at the last step; never twice at one step.
+    `save_every` steps and at the last step; never twice at one step. `stop` is asked once at
+    each step boundary (every rank asks: it may be a collective); when it says so, the current
+    step is checkpointed (not evaluated: an uninterrupted run would not evaluate there) and the
+    state returned early, so a resume continues as if nothing had happened.
     """
     while True:
         last_step = state.step == total_steps
         _evaluate_and_save(state, last_step, schedule, engine, all_reduce, log, save, evaluate)
         if last_step:
+            return state
+        if stop():
+            if state.step > 0 and state.checkpoint_step != state.step:
+                _check_weights(engine, all_reduce, state.step)
+                save(state)
             return state
         started = time.perf_counter()
         position, rows = next(batches)

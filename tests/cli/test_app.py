@@ -176,3 +176,26 @@ def test_score_ref_and_inspect_json_are_one_object_on_stdout(tmp_path, models, d
     assert "score-ref worker 0" in result.stderr  # the progress bar, on stderr
     report = json.loads(run_cli("inspect", tmp_path / "c", "--json", "--html", tmp_path / "page.html").stdout)
     assert report["totals"]["rows"] == 6 and report["html"] == str(tmp_path / "page.html")
+
+
+EXIT_CODE = """
+import sys
+from selpipe.cli import app as cli
+from selpipe.pipeline.errors import SelpipeError
+
+class Stopped(SelpipeError):
+    exit_code = 75
+
+@cli.app.command("boom")
+def boom(which: str) -> None:
+    raise Stopped("stopped by a signal") if which == "stopped" else SelpipeError("bad input")
+
+cli.main()
+"""
+
+
+@pytest.mark.parametrize("which, status, line", [("stopped", 75, "error: stopped by a signal"), ("bad", 2, "error: bad input")])
+def test_an_error_may_name_its_exit_status_else_2(which, status, line):
+    """A preempted run exits 75 (rerun with --resume); every other user-fixable error exits 2; one line each."""
+    result = subprocess.run([sys.executable, "-c", EXIT_CODE, "boom", which], capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr.strip()) == (status, line)

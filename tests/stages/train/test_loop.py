@@ -164,3 +164,36 @@ def test_weights_an_update_made_non_finite_are_never_checkpointed():
             state=TrainState(),
             total_steps=10, pad_id=0, log=lambda s, m: None, save=lambda s: saved.append(s.step))
     assert saved == [1]
+
+
+def saver(saved):
+    """A save as the run directory's: records the step and marks it checkpointed."""
+    def save(state):
+        saved.append(state.step)
+        state.checkpoint_step = state.step
+    return save
+
+
+def test_a_stop_request_checkpoints_the_current_step_and_returns_without_evaluating():
+    """Asked at every boundary; saying stop after step 5 saves step 5 (not an eval step) and returns."""
+    asked = []
+
+    def stop():
+        asked.append(len(asked))
+        return len(asked) == 6  # the boundaries after steps 0..5
+
+    engine = FakeEngine()
+    saved, evaluated = [], []
+    state = fit(engine=engine, all_reduce=lambda t: None, batches=batches(), step=STEP,
+                schedule=ScheduleConfig(eval_every=4, save_every=4), state=TrainState(), total_steps=10, pad_id=0,
+                log=lambda s, m: None, save=saver(saved), evaluate=lambda s: evaluated.append(s) or {},
+                stop=stop)
+    assert (state.step, engine.steps, saved, evaluated) == (5, 5, [4, 5], [0, 4])
+
+
+def test_a_stop_at_a_step_just_saved_saves_nothing_twice():
+    saved = []
+    fit(engine=FakeEngine(), all_reduce=lambda t: None, batches=batches(), step=STEP,
+        schedule=ScheduleConfig(save_every=2), state=TrainState(), total_steps=10, pad_id=0,
+        log=lambda s, m: None, save=saver(saved), stop=iter([False, False, True]).__next__)
+    assert saved == [2]
