@@ -3,13 +3,14 @@
 Each command parses its settings (a dataclass in `selpipe.pipeline.config`), calls one stage
 and prints what it returned (with `--json`, only that, as one JSON object on stdout). Expected
 failures (bad settings, bad input, an unusable cache) print one line naming what is wrong and
-exit with status 2, without a traceback.
+exit with status 2 (or the status the error names), without a traceback.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple, Optional
 
 import typer
 
@@ -46,20 +47,10 @@ def _train(cfg: TrainConfig) -> Report:
     return Report(run_train(cfg))
 
 
-app.command("score-ref", help="Stage one: score every preference pair with the reference into a cache.")(
-    config_command(ScoreConfig, _score_ref))
-app.command("train", help="Stage two: train a policy with Selective-DPO on DeepSpeed from a score cache.")(
-    config_command(TrainConfig, _train))
-
-
 def _export(cfg: ExportConfig) -> Report:
     from selpipe.stages.train.export import export_checkpoint
 
     return Report(export_checkpoint(cfg))
-
-
-app.command("export", help="A training run's checkpoint as a Hugging Face model, or for LoRA an adapter (--merge: merged).")(
-    config_command(ExportConfig, _export))
 
 
 def _inspect(cfg: InspectConfig) -> Report:
@@ -75,20 +66,33 @@ def _verify(cfg: VerifyConfig) -> Report:
     return Report(report, failure=failure)
 
 
-app.command("inspect", help="What a cache holds: manifest, rows, tokens, size, skipped rows by reason, log-prob distribution.")(
-    config_command(InspectConfig, _inspect))
-app.command("verify", help="Recompute a random sample of the cache with transformers; exit 1 above the tolerance or if "
-                           "nothing was checked.")(config_command(VerifyConfig, _verify))
+class Command(NamedTuple):
+    settings: type  # its config class in selpipe.pipeline.config
+    run: Callable[[Any], Report]
+    help: str
+
+
+# Every command, once: registered below, listed by `selpipe settings` and docs/generate.py.
+COMMANDS: dict[str, Command] = {
+    "score-ref": Command(ScoreConfig, _score_ref, "Stage one: score every preference pair with the reference into a cache."),
+    "train": Command(TrainConfig, _train, "Stage two: train a policy with Selective-DPO on DeepSpeed from a score cache."),
+    "export": Command(ExportConfig, _export, "A training run's checkpoint as a Hugging Face model, or for LoRA an "
+                                             "adapter (--merge: merged)."),
+    "inspect": Command(InspectConfig, _inspect, "What a cache holds: manifest, rows, tokens, size, skipped rows by "
+                                                "reason, log-prob distribution."),
+    "verify": Command(VerifyConfig, _verify, "Recompute a random sample of the cache with transformers; exit 1 above "
+                                             "the tolerance or if nothing was checked."),
+}
+for _name, _command in COMMANDS.items():
+    app.command(_name, help=_command.help)(config_command(_command.settings, _command.run))
 
 
 @app.command("settings")
-def settings_command(stage: str = typer.Argument(..., help="score-ref, train, inspect, verify or export")) -> None:
-    """Print a stage's settings as a Markdown table (the source of docs/configuration.md)."""
-    classes = {"score-ref": ScoreConfig, "train": TrainConfig, "inspect": InspectConfig, "verify": VerifyConfig,
-               "export": ExportConfig}
-    if stage not in classes:
-        raise ConfigError(f"unknown command {stage!r}; choose one of {', '.join(classes)}")
-    typer.echo(settings_table(classes[stage]))
+def settings_command(stage: str = typer.Argument(..., help=", ".join(COMMANDS))) -> None:
+    """Print a command's settings as Markdown tables (the source of docs/configuration.md)."""
+    if stage not in COMMANDS:
+        raise ConfigError(f"unknown command {stage!r}; choose one of {', '.join(COMMANDS)}")
+    typer.echo(settings_table(COMMANDS[stage].settings))
 
 
 def main() -> None:

@@ -634,18 +634,31 @@ def _coerce(hint: Any, f: dataclasses.Field, value: Any) -> Any:
     return value
 
 
-def _table(fields: list[dataclasses.Field]) -> str:
-    rows = ["| setting | default | meaning |", "| --- | --- | --- |"]
-    rows += [f"| `{flag_name(f)}` | `{default_of(f)!r}` | {f.metadata['help']} |" for f in fields]
+def allowed_values(f: dataclasses.Field, hint: Any) -> str:
+    """What `check_setting` accepts, in words, for the docs: a range, or the words of a choice."""
+    words = ", ".join(f"`{w}`" for w in _words(hint))
+    numeric = any(m in (int, float) for m in _members(hint))
+    if not numeric:
+        return words
+    kind = "number" if float in _members(hint) else "integer"
+    bounds = _range_text(f.metadata)
+    number = f"{kind}, {bounds}" if bounds else kind
+    return f"{number}; or {words}" if words else number
+
+
+def _table(fields: list[tuple[dataclasses.Field, Any]]) -> str:
+    rows = ["| setting | default | allowed | meaning |", "| --- | --- | --- | --- |"]
+    rows += [f"| `{flag_name(f)}` | `{default_of(f)!r}` | {allowed_values(f, hint)} | {f.metadata['help']} |"
+             for f, hint in fields]
     return "\n".join(rows)
 
 
 def settings_table(cls: type) -> str:
     """Markdown tables of a config class's settings (docs/configuration.md): one per group, under
     its name and docstring, or one table for a class without groups."""
-    groups: dict[str | None, list[dataclasses.Field]] = {}
-    for group, f, _ in setting_fields(cls):
-        groups.setdefault(group, []).append(f)
+    groups: dict[str | None, list[tuple[dataclasses.Field, Any]]] = {}
+    for group, f, hint in setting_fields(cls):
+        groups.setdefault(group, []).append((f, hint))
     if list(groups) == [None]:
         return _table(groups[None])
     parts = []
