@@ -21,8 +21,8 @@ import hashlib
 import json
 import random
 import re
-from collections import Counter
-from collections.abc import Iterator
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator
 from itertools import accumulate
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +33,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .atomic import atomic_path, write_json_atomic
-from .errors import CacheError
+from .errors import CacheError, ConfigError, SelpipeError, first_line, library_errors, os_error_message
+from .ownership import setting_differences
 from .tokenization import TokenizedPair, fingerprint_differences
 
 SCHEMA_VERSION = 1
@@ -142,23 +143,34 @@ def write_shard(directory: Path, worker: int, index: int, pairs: list[ScoredPair
     return record
 
 
+def read_record(path: Path) -> ShardRecord:
+    """A shard record (`part-*.json`), or one line saying it is damaged."""
+    try:
+        data = json.loads(path.read_text())
+        return ShardRecord.from_json(data)
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as err:
+        raise CacheError(f"{path}: damaged shard record ({type(err).__name__}: {first_line(err)[:200]}); remove it and "
+                         f"its .parquet shard, and rerun its worker to score it again") from None
+
+
 def completed_shard(directory: Path, worker: int, index: int) -> ShardRecord | None:
-    """The record of a shard that is complete and intact, else None (it will be redone)."""
+    """The record of a shard that is complete and intact, else None (it will be redone).
+    A record that cannot be read is no proof of a whole shard: the shard is redone too."""
     final = directory / shard_name(worker, index)
     marker = final.with_suffix(".json")
-    if not (final.exists() and marker.exists()):
+    if not (final.is_file() and marker.is_file()):
         return None
-    record = ShardRecord.from_json(json.loads(marker.read_text()))
+    try:
+        record = read_record(marker)
+    except CacheError:
+        return None
     if record.bytes != final.stat().st_size or record.sha256 != file_sha256(final):
         return None
     return record
 
 
 def shard_records(directory: Path) -> list[ShardRecord]:
-    records = []
-    for path in sorted(directory.glob("part-*.json")):
-        records.append(ShardRecord.from_json(json.loads(path.read_text())))
-    return records
+    return [read_record(path) for path in sorted(directory.glob("part-*.json"))]
 
 
 def summarize(records: list[ShardRecord]) -> dict[str, Any]:
@@ -190,22 +202,34 @@ def write_manifest(directory: Path, header: dict[str, Any]) -> dict[str, Any]:
 MANIFEST_KEYS = {"shards": list, "totals": dict, "tokenizer_fingerprint": dict, "reference": dict, "tokenization": dict}
 
 
+def _incomplete(directory: Path) -> CacheError:
+    """Why a directory without a manifest is not (yet) a cache."""
+    header = directory / "header.json"
+    if not header.exists():
+        return CacheError(f"{directory}: not a score cache (no manifest.json)")
+    try:
+        workers = json.loads(header.read_text())["settings"]["num_workers"]
+        done = sorted(int(p.name[7:12]) for p in directory.glob("worker-*.done.json"))
+        missing = sorted(set(range(int(workers))) - set(done))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as err:
+        return CacheError(f"{header}: cache incomplete (no manifest.json) and its header is damaged ({type(err).__name__}); "
+                          f"score it again into a new --output")
+    return CacheError(f"{directory}: cache incomplete, workers {missing} of {workers} have not finished; rerun them")
+
+
 def load_manifest(directory: str | Path) -> dict[str, Any]:
+    """The manifest, its schema version known and every key training reads present with its type."""
     directory = Path(directory)
     path = directory / "manifest.json"
     if not path.exists():
-        if (directory / "header.json").exists():
-            header = json.loads((directory / "header.json").read_text())
-            workers = header["settings"]["num_workers"]
-            done = sorted(int(p.name[7:12]) for p in directory.glob("worker-*.done.json"))
-            missing = sorted(set(range(workers)) - set(done))
-            raise CacheError(f"{directory}: cache incomplete, workers {missing} of {workers} have not finished; rerun them")
-        raise CacheError(f"{directory}: not a score cache (no manifest.json)")
+        raise _incomplete(directory)
     try:
         manifest = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CacheError(f"{path}: damaged manifest, not valid JSON ({err}); rerun `selpipe score-ref` with the same "
                          f"settings to rewrite it") from None
+    except OSError as err:
+        raise CacheError(os_error_message(err, "read the manifest")) from None
     if not isinstance(manifest, dict):
         raise CacheError(f"{path}: damaged manifest, not a JSON object; rerun `selpipe score-ref` to rewrite it")
     version = manifest.get("schema_version")
@@ -221,14 +245,74 @@ def load_manifest(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def open_cache(directory: str | Path) -> dict[str, Any]:
+    """The one way every command opens a cache: its manifest (`load_manifest`), after the checks
+    that need no shard's content (`check_layout`): names confined to the cache, no shard listed
+    twice, every listed shard a regular Parquet file of the recorded size inside the cache."""
+    manifest = load_manifest(directory)
+    check_layout(directory, manifest)
+    return manifest
+
+
+def read_verified(directory: Path, shard: dict[str, Any], changed: str = "") -> bytes:
+    """A shard's bytes, read once and checked against its manifest record (size and sha256), or
+    one line. Whatever decodes them next (`parquet_of`) decodes exactly the bytes checked.
+    `changed` adds to the refusal when it happens after start-up (the shard changed meanwhile)."""
+    path = directory / shard["file"]
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        raise CacheError(f"{path}: shard listed in the manifest is missing{changed}; restore it or rescore") from None
+    except OSError as err:
+        raise CacheError(os_error_message(err, "read the shard")) from None
+    if len(data) != shard["bytes"] or hashlib.sha256(data).hexdigest() != shard["sha256"]:
+        raise CacheError(f"{path}: checksum mismatch (the shard was truncated or altered{changed}); rescore it or "
+                         f"restore the file")
+    return data
+
+
+def parquet_of(path: Path, data: bytes) -> pq.ParquetFile:
+    """Parquet decoded from bytes already read (and checked), never from the file again."""
+    with library_errors("read the shard as Parquet", path, "it is not a shard score-ref wrote: rescore", error=CacheError):
+        return pq.ParquetFile(pa.BufferReader(data))
+
+
+class ShardReader:
+    """Opens a cache's shards read whole, checked against the manifest, decoded from memory.
+
+    Each open reads and hashes the file once. Up to `keep_bytes` of opened shards stay in memory
+    (least recently used dropped first), so a shard reopened while kept is not read again: the
+    run then uses the bytes it checked, whatever happens to the file. `bytes_read` counts what
+    was read from disk.
+    """
+
+    def __init__(self, directory: str | Path, manifest: dict[str, Any], *, keep_bytes: int = 0, changed: str = ""):
+        self.directory = Path(directory)
+        self.records = {shard["file"]: shard for shard in manifest["shards"]}
+        self.keep_bytes, self.changed = keep_bytes, changed
+        self.bytes_read = 0
+        self._kept: OrderedDict[str, tuple[int, pq.ParquetFile]] = OrderedDict()
+
+    def open(self, name: str) -> pq.ParquetFile:
+        if name in self._kept:
+            self._kept.move_to_end(name)
+            return self._kept[name][1]
+        data = read_verified(self.directory, self.records[name], self.changed)
+        self.bytes_read += len(data)
+        parquet = parquet_of(self.directory / name, data)
+        if len(data) <= self.keep_bytes:
+            self._kept[name] = (len(data), parquet)
+            while sum(size for size, _ in self._kept.values()) > self.keep_bytes:
+                self._kept.popitem(last=False)
+        return parquet
+
+
 def verify_checksums(directory: str | Path, manifest: dict[str, Any]) -> None:
-    directory = Path(directory)
+    """Every shard's size and sha256 against the manifest (each read once; see `check_values`
+    for the pass that also checks the values from the same bytes)."""
     for shard in manifest["shards"]:
-        path = directory / shard["file"]
-        if not path.exists():
-            raise CacheError(f"{path}: shard listed in the manifest is missing")
-        if path.stat().st_size != shard["bytes"] or file_sha256(path) != shard["sha256"]:
-            raise CacheError(f"{path}: checksum mismatch (the shard was truncated or altered); rescore it or restore the file")
+        read_verified(Path(directory), shard)
 
 
 def cache_identity(manifest: dict[str, Any]) -> str:
@@ -299,23 +383,22 @@ def sample_rows(path: str | Path, manifest: dict[str, Any], sample: int, seed: i
 # ulps, about 4e-6 at a logit of 30); anything larger is not a log-prob.
 LOGP_ROUNDING_SLACK = 1e-4
 RECORD_TOTALS = ("rows", "bytes", "prompt_tokens", "completion_tokens")
+# Opened shards the training stream keeps in memory, per cache and rank (`ShardReader`): a window's
+# shards at default sizes (16 row groups of 256 pairs), so most are read from disk once per window.
+STREAM_KEEP_BYTES = 256 << 20
 
 
 def check_layout(directory: str | Path, manifest: dict[str, Any]) -> None:
-    """The manifest and the directory agree: every listed shard is a bare shard name present here,
-    every shard file here is listed, and the totals equal the sum of the shard records."""
+    """The manifest and the directory agree, reading no shard's content: every listed shard is a
+    bare shard name, listed once, a regular Parquet file of its recorded size inside this cache
+    (a symlink may point only within it); every shard file here is listed; the totals equal the
+    sum of the shard records."""
     directory = Path(directory)
-    listed = []
-    for position, shard in enumerate(manifest["shards"]):
-        name = shard.get("file") if isinstance(shard, dict) else None
-        if not isinstance(name, str) or not SHARD_PATTERN.match(name):
-            raise CacheError(f"{directory / 'manifest.json'}: shard entry {position} names {name!r}, not a shard file of "
-                             f"this cache (part-WWWWW-SSSSSS.parquet); the manifest is damaged or foreign: rescore")
-        bad = [key for key in ("rows", *RECORD_TOTALS[1:]) if not isinstance(shard.get(key), int) or shard[key] < 0]
-        bad += [] if isinstance(shard.get("sha256"), str) else ["sha256"]
-        if bad:
-            raise CacheError(f"{directory / 'manifest.json'}: shard {name} has malformed {', '.join(bad)}; rescore")
-        listed.append(name)
+    listed = [_listed_shard(directory, position, shard) for position, shard in enumerate(manifest["shards"])]
+    twice = sorted({name for name in listed if listed.count(name) > 1})
+    if twice:
+        raise CacheError(f"{directory / 'manifest.json'}: lists shard {twice[0]} more than once (its rows would be "
+                         f"trained on twice); the manifest is damaged or edited: rescore")
     present = sorted(p.name for p in directory.glob("part-*.parquet"))
     unlisted = sorted(set(present) - set(listed))
     if unlisted:
@@ -326,6 +409,48 @@ def check_layout(directory: str | Path, manifest: dict[str, Any]) -> None:
         if manifest["totals"].get(key) != total:
             raise CacheError(f"{directory / 'manifest.json'}: totals.{key} is {manifest['totals'].get(key)!r} but the "
                              f"shards add up to {total}; the manifest is damaged: rescore")
+    for shard in manifest["shards"]:
+        _check_shard_file(directory, shard)
+
+
+def _listed_shard(directory: Path, position: int, shard: Any) -> str:
+    """The name of manifest entry `position`, refused unless it is a well-formed shard record."""
+    name = shard.get("file") if isinstance(shard, dict) else None
+    if not isinstance(name, str) or not SHARD_PATTERN.match(name):
+        raise CacheError(f"{directory / 'manifest.json'}: shard entry {position} names {name!r}, not a shard file of "
+                         f"this cache (part-WWWWW-SSSSSS.parquet); the manifest is damaged or foreign: rescore")
+    bad = [key for key in RECORD_TOTALS if not isinstance(shard.get(key), int) or isinstance(shard[key], bool)
+           or shard[key] < 0]
+    bad += [] if isinstance(shard.get("sha256"), str) else ["sha256"]
+    if bad:
+        raise CacheError(f"{directory / 'manifest.json'}: shard {name} has missing or malformed {', '.join(bad)}; rescore")
+    return name
+
+
+def _check_shard_file(directory: Path, shard: dict[str, Any]) -> None:
+    """A listed shard exists here, inside the cache, as a regular file of its recorded size that
+    opens and ends like Parquet (`PAR1`): 8 bytes read, the content is checked by its sha256 later."""
+    path = directory / shard["file"]
+    if path.is_symlink() and not path.resolve().is_relative_to(directory.resolve()):
+        raise CacheError(f"{path}: a symlink to {path.resolve()}, outside the cache; a cache's shards must lie inside "
+                         f"it: copy the file in or rescore")
+    if not path.exists():
+        raise CacheError(f"{path}: shard listed in the manifest is missing; restore it or rescore")
+    if not path.is_file():
+        raise CacheError(f"{path}: listed as a shard but not a regular file; restore the shard or rescore")
+    size = path.stat().st_size
+    if size != shard["bytes"]:
+        raise CacheError(f"{path}: holds {size} bytes, the manifest says {shard['bytes']} (the shard was truncated or "
+                         f"replaced); rescore it or restore the file")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+            handle.seek(max(0, size - 4))
+            tail = handle.read(4)
+    except OSError as err:
+        raise CacheError(os_error_message(err, "read the shard")) from None
+    if head != b"PAR1" or tail != b"PAR1":
+        raise CacheError(f"{path}: not a Parquet file; restore the shard score-ref wrote or rescore")
 
 
 def _values(column: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -361,75 +486,232 @@ def check_row_group(where: str, table: pa.Table, vocab_size: int) -> None:
             raise CacheError(f"{where}: {side}_ref_logps holds {top:g}, above 0: not a log-probability; rescore")
 
 
+@dataclass
+class CacheCheck:
+    """What one pass over a cache found: its row groups (file, group, rows) and the bytes it read."""
+
+    row_groups: list[tuple[str, int, int]]
+    bytes_read: int
+
+
 def check_values(directory: str | Path, manifest: dict[str, Any], vocab_size: int,
-                 anchor: tuple[str | Path, dict[str, Any]] | None = None) -> None:
-    """Read every row group once and refuse any value training cannot use (see `check_row_group`).
+                 anchor: tuple[str | Path, dict[str, Any]] | None = None) -> CacheCheck:
+    """One pass over the cache, each byte read once: every shard is read whole, its sha256 checked,
+    and its row groups decoded from those same bytes and checked (`check_row_group`); no id may
+    appear twice across the cache. The manifest must have passed `check_layout` (`open_cache`).
 
     With `anchor` (a second cache whose log-probs anchor the reward), it must hold the same rows
     cut into the same row groups, token for token, so the stream can read the two side by side.
     """
     directory = Path(directory)
+    reader = ShardReader(directory, manifest)
+    anchor_reader = None
     if anchor is not None:
-        anchor_dir, anchor_manifest = Path(anchor[0]), anchor[1]
-        if manifest["tokenization"] != anchor_manifest["tokenization"]:
-            raise CacheError(f"{anchor_dir}: the anchor cache was tokenized with {anchor_manifest['tokenization']}, "
-                             f"{directory} with {manifest['tokenization']}; score both with the same limits")
-        if [(s["file"], s["rows"]) for s in manifest["shards"]] != [(s["file"], s["rows"]) for s in anchor_manifest["shards"]]:
-            raise CacheError(f"{anchor_dir}: the anchor cache's shards differ from {directory}'s; score the anchor from the "
-                             f"same input with the same --num-workers, --shard-size, --row-group-size and limits")
+        anchor_reader = ShardReader(anchor[0], anchor[1])
+        _check_anchor_layout(directory, manifest, anchor_reader.directory, anchor[1])
+    row_groups: list[tuple[str, int, int]] = []
+    ids: list[pa.ChunkedArray] = []
     for shard in manifest["shards"]:
         path = directory / shard["file"]
-        parquet = pq.ParquetFile(path)
+        parquet = reader.open(shard["file"])
         if parquet.metadata.num_rows != shard["rows"]:
             raise CacheError(f"{path}: holds {parquet.metadata.num_rows} rows, the manifest says {shard['rows']}; rescore")
-        anchor_file = pq.ParquetFile(anchor_dir / shard["file"]) if anchor is not None else None
-        if anchor_file is not None and anchor_file.metadata.num_row_groups != parquet.metadata.num_row_groups:
-            raise CacheError(f"{anchor_dir / shard['file']}: the anchor cache's shards or row groups differ from {path}'s "
-                             f"(other row groups); score the anchor with the same --row-group-size")
+        other = anchor_reader.open(shard["file"]) if anchor_reader is not None else None
+        if other is not None and other.metadata.num_row_groups != parquet.metadata.num_row_groups:
+            raise CacheError(f"{anchor_reader.directory / shard['file']}: the anchor cache's shards or row groups differ "
+                             f"from {path}'s (other row groups); score the anchor with the same --row-group-size")
         for group in range(parquet.metadata.num_row_groups):
-            if parquet.metadata.row_group(group).num_rows == 0:
+            rows = parquet.metadata.row_group(group).num_rows
+            row_groups.append((shard["file"], group, rows))
+            if rows == 0:
                 continue  # a shard whose every row was skipped: nothing to check, nothing to train on
-            table = parquet.read_row_group(group)
-            if table.schema.remove_metadata() != SCHEMA.remove_metadata():
-                raise CacheError(f"{path}: its columns are not the cache schema's ({', '.join(table.schema.names)}); rescore")
-            check_row_group(f"{path} row group {group}", table, vocab_size)
-            if anchor_file is None:
-                continue
-            other = anchor_file.read_row_group(group)
-            check_row_group(f"{anchor_dir / shard['file']} row group {group}", other, vocab_size)
-            for column in ("id", "prompt_ids", "chosen_ids", "rejected_ids"):
-                if not other.column(column).equals(table.column(column)):
-                    raise CacheError(f"{anchor_dir / shard['file']}: row group {group} holds other {column} than the scoring "
-                                     f"cache; score the anchor from the same input with the same settings")
+            ids.append(_check_group(path, parquet, group, vocab_size, other, anchor_reader))
+    _refuse_duplicate_ids(directory, manifest, ids)
+    return CacheCheck(row_groups, reader.bytes_read + (anchor_reader.bytes_read if anchor_reader else 0))
+
+
+def _check_anchor_layout(directory: Path, manifest: dict[str, Any], anchor_dir: Path, anchor: dict[str, Any]) -> None:
+    if manifest["tokenization"] != anchor["tokenization"]:
+        differing = setting_differences(manifest["tokenization"], anchor["tokenization"])
+        raise CacheError(f"{anchor_dir}: the anchor cache was tokenized otherwise than {directory} "
+                         f"({'; '.join(differing)}); score both with the same limits")
+    if [(s["file"], s["rows"]) for s in manifest["shards"]] != [(s["file"], s["rows"]) for s in anchor["shards"]]:
+        raise CacheError(f"{anchor_dir}: the anchor cache's shards differ from {directory}'s; score the anchor from the "
+                         f"same input with the same --num-workers, --shard-size, --row-group-size and limits")
+
+
+def _check_group(path: Path, parquet: pq.ParquetFile, group: int, vocab_size: int, other: pq.ParquetFile | None,
+                 anchor_reader: ShardReader | None) -> pa.ChunkedArray:
+    """Check row group `group` (and the anchor's), returning its ids."""
+    table = parquet.read_row_group(group)
+    if table.schema.remove_metadata() != SCHEMA.remove_metadata():
+        raise CacheError(f"{path}: its columns are not the cache schema's ({', '.join(table.schema.names)}); rescore")
+    check_row_group(f"{path} row group {group}", table, vocab_size)
+    if other is not None and anchor_reader is not None:
+        anchor_path = anchor_reader.directory / path.name
+        theirs = other.read_row_group(group)
+        if theirs.schema.remove_metadata() != SCHEMA.remove_metadata():
+            raise CacheError(f"{anchor_path}: its columns are not the cache schema's; rescore")
+        check_row_group(f"{anchor_path} row group {group}", theirs, vocab_size)
+        for column in ("id", "prompt_ids", "chosen_ids", "rejected_ids"):
+            if not theirs.column(column).equals(table.column(column)):
+                raise CacheError(f"{anchor_path}: row group {group} holds other {column} than the scoring "
+                                 f"cache; score the anchor from the same input with the same settings")
+    return table.column("id")
+
+
+def _refuse_duplicate_ids(directory: Path, manifest: dict[str, Any], ids: list[pa.ChunkedArray]) -> None:
+    """No pair twice: score-ref gives every input row its own id, so a repeated id is a shard
+    copied under another name or a manifest edited to list rows again."""
+    if not ids:
+        return
+    every = pa.chunked_array([chunk for column in ids for chunk in column.chunks], type=pa.string())
+    if pc.count_distinct(every).as_py() == len(every):
+        return
+    counts = pc.value_counts(every)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
+    holders = [shard["file"] for shard, column in zip(_shards_with_rows(manifest, ids), ids)
+               if pc.any(pc.equal(column, repeated)).as_py()]
+    raise CacheError(f"{directory}: id {repeated!r} appears in more than one row (in {', '.join(sorted(set(holders)))}); "
+                     f"a cache holds each pair once: rescore, or remove the copied shard and rescore")
+
+
+def _shards_with_rows(manifest: dict[str, Any], ids: list[pa.ChunkedArray]) -> list[dict[str, Any]]:
+    """The shard of each entry of `ids` (one per non-empty row group, in shard order)."""
+    owners = []
+    remaining = iter(manifest["shards"])
+    shard, left = None, 0
+    for column in ids:
+        while left == 0:
+            shard = next(remaining)
+            left = shard["rows"]
+        owners.append(shard)
+        left -= len(column)
+    return owners
+
+
+# The reference a cache was scored by, as far as its log-probs depend on it (not the path it was
+# reached by: the same model may be mounted elsewhere).
+REFERENCE_IDENTITY = ("fingerprint", "revision", "dtype")
+
+
+def _scored_alike(train: dict[str, Any], other: dict[str, Any]) -> list[str]:
+    """How the log-probs of `other` would differ in making from those of `train`: its reference
+    (by fingerprint, or by name where no fingerprint was recorded) and its tokenization."""
+    keys = REFERENCE_IDENTITY if "fingerprint" in train["reference"] or "fingerprint" in other["reference"] \
+        else ("model", *REFERENCE_IDENTITY[1:])
+    differing = setting_differences(train["reference"], other["reference"], keys=keys, name=lambda k: f"reference.{k}")
+    return differing + setting_differences(train["tokenization"], other["tokenization"], name=lambda k: f"tokenization.{k}")
+
+
+def check_eval_pairing(train: str, evaluation: str, train_manifest: dict[str, Any], eval_manifest: dict[str, Any]) -> None:
+    """An eval cache scored otherwise than the training cache is refused: its reference log-probs
+    are not the training reference's, so a policy equal to the reference would not show the eval
+    loss ln 2 at step 0, and the eval metrics would measure the difference between two references."""
+    differing = _scored_alike(train_manifest, eval_manifest)
+    if differing:
+        raise CacheError(f"--eval-cache {evaluation} was scored otherwise than --cache {train} ({'; '.join(differing)}); "
+                         f"score the eval data with the same reference and settings (`selpipe score-ref`)")
 
 
 @dataclass
 class TrainingCaches:
-    """The manifests of the caches a training run reads, each checked end to end."""
+    """The manifests of the caches a training run reads, each checked end to end, with the row
+    groups of each cache (from the checked bytes) and the bytes the check read."""
 
     train: dict[str, Any]
     anchor: dict[str, Any] | None
     eval: dict[str, Any] | None
+    row_groups: dict[str, list[tuple[str, int, int]]] = field(default_factory=dict)
+    bytes_read: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps({**self.__dict__, "row_groups": {k: [list(g) for g in v] for k, v in self.row_groups.items()}})
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainingCaches:
+        data = json.loads(text)
+        data["row_groups"] = {k: [tuple(g) for g in v] for k, v in data["row_groups"].items()}
+        return cls(**data)
 
 
-def open_training_caches(train: str, anchor: str | None, evaluation: str | None, fingerprint: dict[str, str],
-                         vocab_size: int) -> TrainingCaches:
-    """Refuse, before any training, a cache that is damaged, altered, foreign to the policy, or holds
-    values training cannot use: layout, checksums, tokenizer, then every value (see `check_values`)."""
+def check_training_caches(train: str, anchor: str | None, evaluation: str | None, fingerprint: dict[str, str],
+                          vocab_size: int) -> TrainingCaches:
+    """Refuse, before any training, a cache that is damaged, altered, foreign to the policy, paired
+    with caches scored otherwise, or holds values training cannot use: layout (`open_cache`),
+    tokenizer, pairing, then one pass over each cache's bytes (`check_values`)."""
     manifests: dict[str, dict[str, Any] | None] = {}
     for name, path in (("train", train), ("anchor", anchor), ("eval", evaluation)):
-        if path is None:
-            manifests[name] = None
-            continue
-        manifest = load_manifest(path)
-        check_layout(path, manifest)
-        verify_checksums(path, manifest)
-        check_tokenizer(path, manifest, fingerprint)
-        manifests[name] = manifest
+        manifests[name] = None if path is None else open_cache(path)
+        if path is not None:
+            check_tokenizer(path, manifests[name], fingerprint)
     if manifests["eval"] is not None and manifests["eval"]["totals"]["rows"] == 0:
         raise CacheError(f"{evaluation}: the eval cache holds no rows (see `selpipe inspect` for why); "
                          f"drop --eval-cache or rescore it")
-    check_values(train, manifests["train"], vocab_size, anchor=(anchor, manifests["anchor"]) if anchor else None)
     if evaluation is not None:
-        check_values(evaluation, manifests["eval"], vocab_size)
-    return TrainingCaches(**manifests)
+        check_eval_pairing(train, evaluation, manifests["train"], manifests["eval"])
+    checked = {"train": check_values(train, manifests["train"], vocab_size,
+                                     anchor=(anchor, manifests["anchor"]) if anchor else None)}
+    if evaluation is not None:
+        checked["eval"] = check_values(evaluation, manifests["eval"], vocab_size)
+    row_groups = {name: check.row_groups for name, check in checked.items()}
+    if anchor is not None:
+        row_groups["anchor"] = row_groups["train"]  # the same row groups, checked side by side
+    return TrainingCaches(**manifests, row_groups=row_groups, bytes_read=sum(c.bytes_read for c in checked.values()))
+
+
+def open_training_caches(train: str, anchor: str | None, evaluation: str | None, fingerprint: dict[str, str],
+                         vocab_size: int, *, rank: int = 0,
+                         broadcast: Callable[[str | None], str] | None = None) -> TrainingCaches:
+    """`check_training_caches`, run once per job: without `broadcast`, by this process; with it,
+    by rank 0 alone, while every other rank receives its verdict, the checked caches or the same
+    one-line error, and reads no shard.
+
+    `broadcast(text)` is a collective every rank calls once: rank 0 passes its verdict (a JSON
+    string) and every rank gets rank 0's string back (e.g. torch.distributed.broadcast_object_list
+    of [text]; the others pass None). Plain JSON, so no rank ever unpickles what another sent.
+    """
+    if broadcast is None:
+        return check_training_caches(train, anchor, evaluation, fingerprint, vocab_size)
+    if rank != 0:
+        return _received(broadcast(None))
+    try:
+        caches = check_training_caches(train, anchor, evaluation, fingerprint, vocab_size)
+    except SelpipeError as err:
+        broadcast(json.dumps({"refused": type(err).__name__, "message": str(err)}))
+        raise
+    except BaseException as err:
+        broadcast(json.dumps({"refused": "bug", "message": f"rank 0 failed checking the caches "
+                                                          f"({type(err).__name__}); see rank 0's traceback"}))
+        raise
+    broadcast(caches.to_json())
+    return caches
+
+
+def _received(text: str) -> TrainingCaches:
+    verdict = json.loads(text)
+    if "refused" in verdict:
+        kinds = {cls.__name__: cls for cls in (CacheError, ConfigError)}
+        raise kinds.get(verdict["refused"], CacheError)(verdict["message"])
+    return TrainingCaches.from_json(text)
+
+
+def rank_rows(directory: str | Path, manifest: dict[str, Any], rank: int, world_size: int) -> list[dict[str, Any]]:
+    """Rank `rank` of `world_size`'s block of the cache's rows (rows `eval_block` gives it), in
+    cache order, reading (and checking by sha256) only the shards that hold them."""
+    start, stop = eval_block(manifest["totals"]["rows"], rank, world_size)
+    reader = ShardReader(directory, manifest)
+    rows: list[dict[str, Any]] = []
+    offset = 0
+    for shard in manifest["shards"]:
+        lo, hi = max(start, offset), min(stop, offset + shard["rows"])
+        if lo < hi:
+            rows += reader.open(shard["file"]).read().slice(lo - offset, hi - lo).to_pylist()
+        offset += shard["rows"]
+    return rows
+
+
+def eval_block(rows: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, stop) of rank `rank`'s contiguous block of `rows`: ceil(rows / world) each, the last short."""
+    per_rank = -(-rows // world_size)
+    return min(rows, rank * per_rank), min(rows, (rank + 1) * per_rank)

@@ -12,7 +12,8 @@ One global order per epoch, the same whatever the number of ranks:
 So a global batch holds the same pairs on 1 GPU or 64, a resumed job at (epoch, offset) sees
 exactly the rows it would have seen. (The order itself would survive a change in the number of
 ranks, but DeepSpeed's ZeRO checkpoints do not.)
-Each rank reads every window's Parquet but converts only its own rows to Python.
+Each rank reads every window's Parquet but converts only its own rows to Python. Each shard is read
+whole as it is opened and checked against the manifest's sha256 before any of it is decoded.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .batching import length_bucketed_order
-from .cache import CacheError, iter_row_groups
+from .cache import STREAM_KEEP_BYTES, CacheError, ShardReader, eval_block, iter_row_groups
+
+# The refusal's words when a shard's bytes no longer match the manifest after start-up.
+CHANGED = " while training ran"
 
 ANCHOR_COLUMNS = ["chosen_ref_logps", "rejected_ref_logps"]
 
@@ -47,26 +51,27 @@ class StreamPosition:
 class CacheStream:
     def __init__(self, directory: str | Path, manifest: dict[str, Any], *, rank: int, world_size: int,
                  global_batch_size: int, seed: int, shuffle_window: int,
-                 anchor: tuple[str | Path, dict[str, Any]] | None = None, length_bucketing: bool = False):
+                 anchor: tuple[str | Path, dict[str, Any]] | None = None, length_bucketing: bool = False,
+                 row_groups: list[tuple[str, int, int]] | None = None, keep_bytes: int = STREAM_KEEP_BYTES):
+        """`row_groups`: the cache's (file, group, rows) as the start-up check found them in the
+        checked bytes (`TrainingCaches.row_groups["train"]`); else read from the shards' footers.
+        `keep_bytes`: how much of opened shards each cache keeps in memory (`cache.ShardReader`)."""
         if global_batch_size % world_size:
             raise ValueError(f"global batch {global_batch_size} does not split over {world_size} ranks")
         self.directory = Path(directory)
-        self.row_groups = list(iter_row_groups(self.directory, manifest))
+        self.row_groups = list(row_groups) if row_groups is not None else list(iter_row_groups(self.directory, manifest))
         self.total_rows = sum(rows for _, _, rows in self.row_groups)
         self.rank, self.world_size = rank, world_size
         self.global_batch_size, self.seed, self.shuffle_window = global_batch_size, seed, shuffle_window
         self.length_bucketing = length_bucketing
-        self.anchor_directory = Path(anchor[0]) if anchor else None
         self.batches_per_epoch = self.total_rows // global_batch_size
         if self.batches_per_epoch == 0:
             raise CacheError(f"{directory}: {self.total_rows} rows cannot fill one global batch of {global_batch_size}; "
                              f"lower --global-batch-size")
-        self._files: dict[Path, pq.ParquetFile] = {}
-
-    def _file(self, path: Path) -> pq.ParquetFile:
-        if path not in self._files:
-            self._files[path] = pq.ParquetFile(path)
-        return self._files[path]
+        # Every shard is checked against the manifest as it is opened, so a shard changed while
+        # training runs stops the run in one line instead of being trained on.
+        self.reader = ShardReader(self.directory, manifest, keep_bytes=keep_bytes, changed=CHANGED)
+        self.anchor_reader = ShardReader(anchor[0], anchor[1], keep_bytes=keep_bytes, changed=CHANGED) if anchor else None
 
     def _windows(self, epoch: int) -> list[list[int]]:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.row_groups))
@@ -74,12 +79,23 @@ class CacheStream:
 
     def _read_window(self, groups: list[int]) -> pa.Table:
         tables = []
+        opened: dict[tuple[int, str], pq.ParquetFile] = {}  # each shard read once per window at most
+
+        def shard(reader: ShardReader, file: str) -> pq.ParquetFile:
+            if (id(reader), file) not in opened:
+                opened[id(reader), file] = reader.open(file)
+            return opened[id(reader), file]
+
         for index in groups:
             file, group, _ = self.row_groups[index]
-            table = self._file(self.directory / file).read_row_group(group)
-            if self.anchor_directory is not None:
+            parquet = shard(self.reader, file)
+            if group >= parquet.metadata.num_row_groups:
+                raise CacheError(f"{self.directory / file}: has no row group {group} (it changed{CHANGED}); restore it "
+                                 f"or rescore")
+            table = parquet.read_row_group(group)
+            if self.anchor_reader is not None:
                 # Row for row the same pairs: checked once before training (`cache.check_values`).
-                anchor = self._file(self.anchor_directory / file).read_row_group(group, columns=ANCHOR_COLUMNS)
+                anchor = shard(self.anchor_reader, file).read_row_group(group, columns=ANCHOR_COLUMNS)
                 table = table.append_column("chosen_anchor_logps", anchor.column("chosen_ref_logps"))
                 table = table.append_column("rejected_anchor_logps", anchor.column("rejected_ref_logps"))
             tables.append(table)
@@ -140,5 +156,4 @@ def eval_shards(rows: int, rank: int, world_size: int, micro_batch_size: int) ->
     a rank whose block is short pads with rows of weight 0.
     """
     per_rank = -(-rows // world_size)
-    mine = list(range(rank * per_rank, min(rows, (rank + 1) * per_rank)))
-    return mine, -(-per_rank // micro_batch_size)
+    return list(range(*eval_block(rows, rank, world_size))), -(-per_rank // micro_batch_size)
