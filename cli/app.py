@@ -14,6 +14,11 @@ from typing import Any, NamedTuple, Optional
 
 import typer
 
+try:  # typer 0.2x ships its own copy of click
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+except ImportError:
+    from click.exceptions import ClickException, NoArgsIsHelpError
+
 from selpipe.pipeline.config import (
     ConfigError, ExportConfig, InspectConfig, ScoreConfig, TrainConfig, VerifyConfig, settings_table,
 )
@@ -96,12 +101,25 @@ def settings_command(stage: str = typer.Argument(..., help=", ".join(COMMANDS)))
 
 
 def main() -> None:
+    """Run the app; every failure the user can fix is one line on stderr, never a traceback."""
     try:
-        app()
+        status = app(standalone_mode=False, prog_name="selpipe")
+    except NoArgsIsHelpError as err:
+        typer.echo(err.ctx.get_help(), err=True)
+        sys.exit(2)
+    except ClickException as err:
+        # A flag typer cannot parse (`--beta x`), an unknown flag or command: one line naming it.
+        where = f" (see `{err.ctx.command_path} --help`)" if getattr(err, "ctx", None) else ""
+        typer.echo(f"error: {err.format_message()}{where}", err=True)
+        sys.exit(err.exit_code)
+    except typer.Abort:
+        typer.echo("Aborted.", err=True)
+        sys.exit(1)
     except SelpipeError as err:
         typer.echo(f"error: {err}", err=True)
         # 2 for what the user must fix; an error may name another status (a preempted run: 75, rerun with --resume).
         sys.exit(getattr(err, "exit_code", 2))
+    sys.exit(status if isinstance(status, int) else 0)
 
 
 if __name__ == "__main__":

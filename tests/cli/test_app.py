@@ -188,14 +188,27 @@ class Stopped(SelpipeError):
 
 @cli.app.command("boom")
 def boom(which: str) -> None:
-    raise Stopped("stopped by a signal") if which == "stopped" else SelpipeError("bad input")
+    if which == "failed":
+        raise cli.typer.Exit(1)  # what a command's Report(failure=...) ends with
+    if which != "done":
+        raise Stopped("stopped by a signal") if which == "stopped" else SelpipeError("bad input")
 
 cli.main()
 """
 
 
-@pytest.mark.parametrize("which, status, line", [("stopped", 75, "error: stopped by a signal"), ("bad", 2, "error: bad input")])
-def test_an_error_may_name_its_exit_status_else_2(which, status, line):
-    """A preempted run exits 75 (rerun with --resume); every other user-fixable error exits 2; one line each."""
-    result = subprocess.run([sys.executable, "-c", EXIT_CODE, "boom", which], capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("args, status, line", [
+    (("boom", "stopped"), 75, "error: stopped by a signal"),
+    (("boom", "bad"), 2, "error: bad input"),
+    (("boom", "failed"), 1, ""),
+    (("boom", "done"), 0, ""),
+    (("train", "--cache", "c", "--policy", "p", "--output", "o", "--beta", "x"), 2,
+     "error: Invalid value for '--beta': Input should be a valid number, unable to parse string as a number "
+     "(see `selpipe train --help`)"),
+    (("train", "--bta", "1"), 2, "error: No such option: --bta (Possible options: --beta) (see `selpipe train --help`)"),
+])
+def test_an_error_may_name_its_exit_status_else_2(args, status, line):
+    """A preempted run exits 75 (rerun with --resume); every other user-fixable error exits 2, a
+    flag typer cannot parse included; one line each, never a traceback."""
+    result = subprocess.run([sys.executable, "-c", EXIT_CODE, *args], capture_output=True, text=True, timeout=120)
     assert (result.returncode, result.stderr.strip()) == (status, line)
