@@ -1,8 +1,10 @@
+from pathlib import Path
+
 import pytest
 
 from ..conftest import demo, write_jsonl
 from selpipe.stages.score_ref import run_score_ref
-from selpipe.pipeline.cache import load_manifest
+from selpipe.pipeline.cache import CacheError, load_manifest
 from selpipe.pipeline.stream import CacheStream, StreamPosition, eval_shards
 
 
@@ -86,3 +88,57 @@ def test_uneven_row_groups_on_several_ranks_resume_across_an_epoch_boundary(unev
             share = 6 // world
             assert ids(uninterrupted[step][1]) == ids(single[step][1])[rank * share:(rank + 1) * share]
     assert single[15][0] == StreamPosition(0, 96) and single[16][0] == StreamPosition(1, 6)
+
+
+def _copy(cache, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(cache, tmp_path / "cache"))
+
+
+def test_a_shard_changed_while_training_runs_stops_in_one_line(demo_cache, tmp_path):
+    """After the first batch every shard is swapped for another (same names, manifest untouched):
+    the next shard the stream opens fails its sha256 and the run stops in one line, before any
+    row of it is handed out (no loss jump, no IndexError from foreign ids)."""
+    cache = _copy(demo_cache, tmp_path)
+    stream = CacheStream(cache, load_manifest(cache), rank=0, world_size=1, global_batch_size=8, seed=0,
+                         shuffle_window=3, keep_bytes=0)
+    batches = stream.batches(StreamPosition())
+    next(batches)
+    shards = sorted(cache.glob("part-*.parquet"))
+    contents = [s.read_bytes() for s in shards]
+    for shard, content in zip(shards, contents[1:] + contents[:1]):
+        shard.write_bytes(content)
+    with pytest.raises(CacheError) as caught:
+        for _ in range(12):  # an epoch is 12 batches: some window must open a swapped shard
+            next(batches)
+    message = str(caught.value)
+    assert "\n" not in message and "checksum mismatch (the shard was truncated or altered while training ran)" in message
+
+
+def test_shards_kept_in_memory_are_trained_as_checked(demo_cache, tmp_path):
+    """With the whole cache kept (it is small), a shard changed after it was read is never read
+    again: the epoch yields exactly the rows of an unchanged cache."""
+    cache = _copy(demo_cache, tmp_path)
+    expected = take(make(demo_cache), StreamPosition(), 12)
+    stream = CacheStream(cache, load_manifest(cache), rank=0, world_size=1, global_batch_size=8, seed=0,
+                         shuffle_window=3, keep_bytes=1 << 30)
+    batches = stream.batches(StreamPosition())
+    got = [next(batches)]
+    for window in range(1, 8):  # read every shard once: 24 row groups in windows of 3
+        stream._read_window(stream._windows(0)[window])
+    for shard in cache.glob("part-*.parquet"):
+        shard.write_bytes(b"PAR1" + b"\0" * 100 + b"PAR1")
+    got += [next(batches) for _ in range(11)]
+    assert [(p, ids(r)) for p, r in got] == [(p, ids(r)) for p, r in expected]
+    assert stream.reader.bytes_read == load_manifest(demo_cache)["totals"]["bytes"]  # each shard read once
+
+
+def test_row_groups_from_the_start_up_check_give_the_same_stream(demo_cache):
+    from selpipe.pipeline.cache import check_values
+
+    checked = check_values(demo_cache, load_manifest(demo_cache), 512)
+    given = CacheStream(demo_cache, load_manifest(demo_cache), rank=0, world_size=1, global_batch_size=8, seed=0,
+                        shuffle_window=3, row_groups=checked.row_groups)
+    assert given.row_groups == make(demo_cache).row_groups
+    assert [ids(r) for _, r in take(given, StreamPosition(), 12)] == [ids(r) for _, r in take(make(demo_cache), StreamPosition(), 12)]
