@@ -56,6 +56,44 @@ def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: in
     return result
 
 
+def train_cli(cache: Path, policy: Path, output: Path, *extra, launcher: tuple[str, ...] = (), check: bool = True,
+              timeout: int = 600) -> subprocess.CompletedProcess:
+    """`selpipe train` in a fresh process, as a user launches it (under `launcher`, e.g. `torchrun(2)`),
+    one thread per process (CI has two cores); with check=False the finished process, whatever its status."""
+    command = [*launcher, str(BIN / "selpipe"), "train", "--cache", str(cache), "--policy", str(policy),
+               "--output", str(output), "--no-progress", *map(str, extra)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=timeout,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n{result.stderr[-5000:]}")
+    return result
+
+
+def torchrun(processes: int) -> tuple[str, ...]:
+    return (str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(processes))
+
+
+def per_step(run: Path, key: str = "loss") -> dict[int, float]:
+    """`key` at each step of a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+# The shared tiny run: two steps of eight pairs on one process (ZeRO 0), a checkpoint and an eval
+# (on the training rows: any cache will do) at each step, the model saved.
+TINY_RUN = ("--max-steps", "2", "--save-every", "1", "--global-batch-size", "8", "--micro-batch-size", "4",
+            "--learning-rate", "1e-3", "--beta", "0.1", "--eval-every", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, demo_cache, models) -> Path:
+    """A finished tiny run (`TINY_RUN` on `demo_cache`). Shared by every test that reads one: never
+    write into it; copy it (shutil.copytree) to change it."""
+    run = tmp_path_factory.mktemp("tiny-run") / "run"
+    train_cli(demo_cache, models["policy"], run, *TINY_RUN, "--eval-cache", demo_cache)
+    return run
+
+
 def score(input_path: Path, output: Path, model: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return run_cli("score-ref", "--input", input_path, "--output", output, "--model", model,
                    "--max-length", "64", "--max-prompt-length", "32", "--no-progress", *extra, env=env)

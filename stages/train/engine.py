@@ -1,4 +1,4 @@
-"""The distributed edge of stage two: process group, DeepSpeed config and engine, the policy, the final save.
+"""The distributed edge of stage two: process group, DeepSpeed config and engine, the policy.
 
 Everything here touches devices, process groups or DeepSpeed; the loop (`loop.py`) only sees the
 small `TrainEngine` surface, so it runs in tests against a fake.
@@ -8,24 +8,28 @@ from __future__ import annotations
 
 import copy
 import gc
+import hashlib
 import json
 import math
 import os
 import socket
-from pathlib import Path
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
-from selpipe.pipeline.atomic import atomic_path
 from selpipe.pipeline.batching import PairBatch
 from selpipe.pipeline.config import ModelConfig, TrainConfig
-from selpipe.pipeline.errors import ConfigError, first_line
+from selpipe.pipeline.errors import CacheError, ConfigError, InputError, SelpipeError, StorageError
+from selpipe.pipeline.model import load_causal_lm
 from selpipe.pipeline.forward import PolicyForward
 from selpipe.pipeline.logprobs import check_output_head
 from selpipe.pipeline.prefix import SharedPromptBatch, check_shared_prompts
 
+T = TypeVar("T")
+# The one-line errors rank 0 can hand to the other ranks, by name.
+SHARED_ERRORS = {cls.__name__: cls for cls in (ConfigError, CacheError, InputError, StorageError)}
 
 
 def free_port() -> int:
@@ -48,6 +52,7 @@ class Comm:
         deepspeed.init_distributed(verbose=False)
         self._dist = dist
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.closed = False
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
         """Sum `tensor` across ranks, in place."""
@@ -56,14 +61,55 @@ class Comm:
     def barrier(self) -> None:
         self._dist.barrier()
 
-    def agreed(self, decision: bool, device: torch.device) -> bool:
+    @property
+    def device(self) -> torch.device:
+        """Where this rank's collective tensors live (NCCL needs them on the rank's GPU)."""
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+
+    def agreed(self, decision: bool, device: torch.device | None = None) -> bool:
         """Rank 0's decision, on every rank."""
-        flag = torch.tensor([float(decision)], device=device)
+        flag = torch.tensor([float(decision)], device=device or self.device)
         self._dist.broadcast(flag, src=0)
         return bool(flag.item())
 
+    def broadcast_text(self, text: str | None) -> str | None:
+        """Rank 0's `text` (None: nothing to say) on every rank, as UTF-8 bytes (nothing unpickled)."""
+        data = (text or "").encode()
+        size = torch.tensor([len(data) if text is not None and self.rank == 0 else -1], device=self.device)
+        if self.world_size == 1:
+            return text
+        self._dist.broadcast(size, src=0)
+        if size.item() < 0:
+            return None
+        buffer = torch.zeros(int(size.item()), dtype=torch.uint8, device=self.device)
+        if self.rank == 0:
+            buffer = torch.tensor(list(data), dtype=torch.uint8, device=self.device)
+        if buffer.numel():
+            self._dist.broadcast(buffer, src=0)
+        return bytes(buffer.cpu().tolist()).decode()
+
+    def on_rank_zero(self, work: Callable[[], T]) -> T | None:
+        """`work()` on rank 0 alone (a check every rank would repeat, a file only one may write); its
+        one-line error, if any, raised on every rank. Rank 0 gets the result, the others None."""
+        result, error = None, None
+        if self.rank == 0:
+            try:
+                result = work()
+            except Exception as err:  # a bug too: the other ranks must not wait for rank 0 forever
+                error = err
+        verdict = self.broadcast_text(None if error is None else f"{type(error).__name__}\n{error}")
+        if error is not None:
+            raise error
+        if verdict is not None:
+            kind, message = verdict.split("\n", 1)
+            raise SHARED_ERRORS.get(kind, SelpipeError)(message.splitlines()[0] if message else f"rank 0 failed ({kind})")
+        return result
+
     def close(self) -> None:
         self._dist.destroy_process_group()
+        self.closed = True
 
 
 def mixed_precision(precision: str) -> str | None:
@@ -135,7 +181,6 @@ def load_policy(cfg: TrainConfig, ds_config: dict[str, Any], max_width: int | No
     alive for the run). With --lora-rank, PEFT injects adapters into the loaded model in place, so
     the causal LM computes with them and only their weights train.
     """
-    from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     zero3 = ds_config["zero_optimization"].get("stage") == 3
@@ -143,13 +188,7 @@ def load_policy(cfg: TrainConfig, ds_config: dict[str, Any], max_width: int | No
     extra: dict[str, Any] = {}
     if cfg.model.load_in_4bit:
         extra["quantization_config"] = four_bit_config(zero3)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.io.policy, dtype=compute_dtype(ds_config), **extra)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        # A missing or damaged weight file, an unknown architecture: the user's to fix.
-        first = first_line(err)
-        raise ConfigError(f"--policy {cfg.io.policy}: cannot load the model ({first[:300]}); give a complete local model "
-                          f"directory") from None
+    model = load_causal_lm(cfg.io.policy, dtype=compute_dtype(ds_config), **extra)
     model.config.use_cache = False
     if keep_alive is None and not cfg.model.load_in_4bit:
         # (under ZeRO-3 the parameters are partitioned: no forward outside the engine)
@@ -308,38 +347,13 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, ds_config: dict[str, 
     return TrainEngine(ds_engine)
 
 
-# How the weights are named: DeepSpeed's module is `PolicyLogprobs`, which holds the causal LM as
-# `policy`; PEFT holds it as `base_model.model`.
-POLICY_PREFIX, PEFT_PREFIX = "policy.", "base_model.model."
-
-
-def gathered_state(engine: TrainEngine, rank: int) -> dict[str, torch.Tensor] | None:
-    """Under ZeRO-3 the whole model's weights gathered onto rank 0 (a collective: every rank calls it),
-    named as in the causal LM; None elsewhere (the model's own parameters are whole)."""
-    if engine.ds.zero_optimization_stage() != 3:
-        return None
-    state = engine.ds._zero3_consolidated_16bit_state_dict()
-    return {k.removeprefix(POLICY_PREFIX): v for k, v in state.items()} if rank == 0 else None
-
-
-def write_pretrained(model: Any, tokenizer: Any, directory: Path, state: dict[str, torch.Tensor] | None = None) -> None:
-    """`model.save_pretrained` (with `state` as its weights, if given) and the tokenizer, written
-    beside `directory` and renamed into place, so the directory is always whole."""
-    with atomic_path(directory) as staging:
-        model.save_pretrained(staging, state_dict=state)
-        tokenizer.save_pretrained(staging)
-
-
-def save_pretrained(model: Any, peft_model: Any, tokenizer: Any, state: dict[str, torch.Tensor] | None,
-                    directory: Path) -> None:
-    """The trained policy as a Hugging Face directory: the adapter alone with LoRA, else the model.
-    `state`: gathered ZeRO-3 weights, named as in the causal LM."""
-    if peft_model is None:
-        write_pretrained(model, tokenizer, directory, state)
-        return
-    # PEFT keeps the adapter's weights only, under its own names.
-    adapter_state = {PEFT_PREFIX + k: v for k, v in state.items()} if state is not None else None
-    write_pretrained(peft_model, tokenizer, directory, adapter_state)
+def weight_shapes(model: torch.nn.Module) -> str:
+    """A digest of the base model's weight names and shapes (ZeRO-3's partitioned parameters by
+    their whole shape; LoRA's adapters left out, the layers they wrap by their own names): a resume
+    refuses a policy of another size before DeepSpeed loads into it."""
+    shapes = {name.replace(".base_layer.", "."): list(getattr(p, "ds_shape", p.shape))
+              for name, p in model.named_parameters() if "lora_" not in name}
+    return hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()
 
 
 def teardown(engine: TrainEngine, comm: Comm) -> None:
@@ -353,7 +367,10 @@ def teardown(engine: TrainEngine, comm: Comm) -> None:
 
 
 def abandon(engine: TrainEngine | None, comm: Comm) -> None:
-    """Release the engine and the process group after an error, without waiting for other ranks."""
+    """Release the engine and the process group after an error, without waiting for other ranks
+    (nothing to do after a `teardown`)."""
+    if comm.closed:
+        return
     if engine is not None:
         engine.ds.destroy()
     gc.collect()

@@ -6,6 +6,8 @@ Both the run (run.py) and the export command (export.py) use these, so neither i
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +33,24 @@ def write_pretrained(model: Any, tokenizer: Any, directory: Path, state: dict[st
     """`model.save_pretrained` (with `state` as its weights, if given) and the tokenizer, written
     beside `directory` and renamed into place, so the directory is always whole."""
     with atomic_path(directory) as staging:
-        model.save_pretrained(staging, state_dict=state)
+        try:
+            model.save_pretrained(staging, state_dict=state)
+        except Exception as err:
+            storage = _storage_failure(err, staging)
+            if storage is None:
+                raise
+            raise storage from None
         tokenizer.save_pretrained(staging)
+
+
+def _storage_failure(err: Exception, path: Path) -> OSError | None:
+    """safetensors reports a failed write (a full disk) as `SafetensorError: ... I/O error: ...
+    (os error 28)`, not as an OSError: the OSError it stands for, so it reads as the storage failure it is."""
+    found = re.search(r"I/O error: .*\(os error (\d+)\)", str(err))
+    if type(err).__name__ != "SafetensorError" or found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
 
 
 def save_pretrained(model: Any, peft_model: Any, tokenizer: Any, state: dict[str, torch.Tensor] | None,

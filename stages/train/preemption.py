@@ -17,9 +17,17 @@ from typing import Any
 
 import torch
 
+from selpipe.pipeline.errors import SelpipeError
+
 # EX_TEMPFAIL (sysexits.h): "a temporary failure; the user is invited to retry" -- with --resume.
 EXIT_PREEMPTED = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(SelpipeError):
+    """Stopped by a signal after saving a checkpoint of the step reached; the CLI exits `exit_code`."""
+
+    exit_code = EXIT_PREEMPTED
 
 
 class StopRequests:

@@ -26,14 +26,17 @@ from typing import Any
 
 import torch
 
-from selpipe.pipeline import __version__
+from selpipe.pipeline import __version__, ownership
 from selpipe.pipeline.atomic import write_json_atomic, write_text_atomic
 from selpipe.pipeline.config import TrainConfig, default_settings, identity_settings, to_dict
 from selpipe.pipeline.errors import CacheError, ConfigError
 from selpipe.pipeline.stream import StreamPosition
 
 MARKER = ".selpipe-run.json"
-
+# What a changed identity entry means, where it is not a cache's content.
+IDENTITY_CHANGES = {"policy": "--policy has other weights' names or shapes than the checkpoint's (another model)"}
+# Entries checkpoints of older versions do not have: nothing to compare there.
+NEWER_IDENTITY = frozenset({"policy"})
 
 
 @dataclass
@@ -56,10 +59,6 @@ class TrainState:
     checkpoint_step: int | None = None
 
 
-def _overlaps(a: Path, b: Path) -> bool:
-    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
-
-
 def _is_unmarked_run(output: Path) -> bool:
     """A run directory written by selpipe 0.1 before runs carried the marker: its config.json is ours."""
     try:
@@ -70,27 +69,13 @@ def _is_unmarked_run(output: Path) -> bool:
 
 
 def check_output(cfg: TrainConfig) -> None:
-    """Refuse, before anything is written, an --output that is not ours to write.
-
-    It must be new, an empty directory, or a selpipe run (marked by `MARKER`), and it must not
-    overlap the policy or any cache: a run there would overwrite the user's model or scores.
-    """
-    output = Path(cfg.io.output)
-    resolved = output.resolve()
+    """Refuse, before anything is written, an --output that is not ours to write: it must be new,
+    an empty directory, or a selpipe run (marked by `MARKER`), and it must not overlap the policy
+    or any cache (a run there would overwrite the user's model or scores)."""
     inputs = {"--policy": cfg.io.policy, "--cache": cfg.io.cache, "--anchor-scores": cfg.io.anchor_scores,
               "--eval-cache": cfg.io.eval_cache}
-    for flag, value in inputs.items():
-        if value is not None and _overlaps(resolved, Path(value).resolve()):
-            raise ConfigError(f"--output {output} overlaps {flag} {value}: a run would write into your inputs; "
-                              f"choose an --output outside them")
-    if not output.exists():
-        return
-    if not output.is_dir():
-        raise ConfigError(f"--output {output} is a file, not a directory; choose a new --output")
-    if (output / MARKER).is_file() or not any(output.iterdir()) or _is_unmarked_run(output):
-        return
-    raise ConfigError(f"--output {output} is a directory that is not a selpipe run and not empty; "
-                      f"choose a new or empty --output (selpipe will not overwrite files it did not create)")
+    ownership.check_output(cfg.io.output, markers=[MARKER], inputs=inputs, is_ours=_is_unmarked_run,
+                           kind="selpipe run")
 
 
 def _logged_step(line: str) -> int | None:
@@ -113,8 +98,9 @@ def refuse_changed_settings(saved: dict[str, Any], cfg: TrainConfig, identity: d
     changed = [f"--{k.replace('_', '-')} {config.get(k, defaults[k])!r} -> {value!r}"
                for k, value in identity_settings(cfg).items() if config.get(k, defaults[k]) != value]
     saved_identity = saved.get("identity") or {}
-    changed += [f"--{name.replace('_', '-')} holds other scores than the checkpoint's" for name in identity
-                if saved_identity.get(name) != identity[name]]
+    changed += [IDENTITY_CHANGES.get(name, f"--{name.replace('_', '-')} holds other scores than the checkpoint's")
+                for name in identity if saved_identity.get(name, identity[name] if name in NEWER_IDENTITY else None)
+                != identity[name]]
     saved_world = saved.get("dp_world_size")
     if cfg.model.zero_stage > 0 and saved_world is not None and saved_world != world_size:
         # ZeRO 1-3 partition the optimizer state by rank; DeepSpeed cannot load it on another count.
@@ -132,6 +118,17 @@ class RunDirectory:
         self.trackers: Any = None
 
     # -------------------------------------------------------------- claim and run files
+
+    def take(self, resume: bool) -> ownership.Lease:
+        """The run directory's lease (rank 0, held to the end of the run): a second run into the same
+        --output is refused, naming the first; then `refuse_overwrite`, under the lease."""
+        lease = ownership.acquire(self.output, "train")
+        try:
+            self.refuse_overwrite(resume)
+        except BaseException:
+            lease.release()
+            raise
+        return lease
 
     def claim(self) -> None:
         """Mark the directory as a selpipe run (rank 0, after `check_output` passed on every rank)."""
@@ -170,6 +167,25 @@ class RunDirectory:
             self.trackers.close()
 
     # -------------------------------------------------------------- checkpoints
+
+    def results(self) -> list[str]:
+        """What a finished run leaves besides its checkpoints (a kill before the end leaves none of it)."""
+        return [name for name in ("model", "model-merged", "summary.json") if (self.output / name).exists()]
+
+    def refuse_overwrite(self, resume: bool) -> None:
+        """A new run never replaces a run's results. Without --resume, a directory holding a checkpoint,
+        a finished run's model or summary, or logged steps is refused; with --resume and no checkpoint
+        (a kill before the first one starts over), so is one holding a finished run's results."""
+        checkpoint, results = self.latest_checkpoint(), self.results()
+        logged = self.metrics_path.is_file() and self.metrics_path.stat().st_size > 0
+        if not resume:
+            held = (["a checkpoint"] if checkpoint else []) + results + (["metrics.jsonl"] if logged else [])
+            if held:
+                raise ConfigError(f"--output {self.output} already holds a run ({', '.join(held)}); pass --resume to "
+                                  f"continue it or choose a new --output")
+        elif checkpoint is None and results:
+            raise ConfigError(f"--output {self.output} holds a finished run ({', '.join(results)}) but no checkpoint "
+                              f"to resume from; choose a new --output (selpipe will not overwrite a run's results)")
 
     def latest_checkpoint(self) -> str | None:
         marker = self.checkpoints / "latest"
@@ -213,28 +229,32 @@ class RunDirectory:
         state.checkpoint_step = state.step
 
     def load_checkpoint(self, engine: Any, comm: Any, cfg: TrainConfig, identity: dict[str, str | None]) -> TrainState:
-        from .safe_load import check_checkpoint_files, load_tensors
+        """Restore the latest checkpoint into `engine`; each of its files is read once, as tensors and
+        plain data only (DeepSpeed's own loader would unpickle anything: see safe_load.py)."""
+        from .safe_load import CheckedReads, checked_loading
 
         tag = self.latest_checkpoint()
         directory = self.checkpoints / tag
-        # Nothing in a checkpoint may run code when loaded; DeepSpeed's own loader unpickles freely.
-        check_checkpoint_files(directory)
+        reads = CheckedReads()
         # Compare settings before DeepSpeed loads: another adapter or ZeRO layout would fail inside it.
-        states = sorted(directory.glob("*model_states.pt"))
-        saved_state = load_tensors(states[0]) if states else {}
-        if not {"step", "position", "config"} <= saved_state.keys():
+        # Each rank reads the module-state file DeepSpeed will load on it (ZeRO-3: one per rank).
+        names = (f"zero_pp_rank_{comm.rank}_mp_rank_00_model_states.pt", "mp_rank_00_model_states.pt")
+        states = [directory / name for name in names if (directory / name).is_file()]
+        saved_state = reads.read(states[0]) if states else {}
+        if not isinstance(saved_state, dict) or not {"step", "position", "config"} <= saved_state.keys():
             raise CacheError(f"{directory}: holds no selpipe checkpoint state; delete it and point "
                              f"{self.checkpoints / 'latest'} at an earlier one")
         refuse_changed_settings(saved_state, cfg, identity, comm.world_size)
-        _, client = engine.ds.load_checkpoint(str(self.checkpoints), tag=tag)
+        with checked_loading(engine.ds, reads):
+            _, client = engine.ds.load_checkpoint(str(self.checkpoints), tag=tag)
         if not isinstance(client, dict) or not {"step", "position", "config"} <= client.keys():
             raise CacheError(f"{directory}: DeepSpeed could not load this checkpoint; delete it and point "
                              f"{self.checkpoints / 'latest'} at an earlier one")
         rng = directory / f"rng-rank{comm.rank}.pt"
         if rng.exists():
-            states = load_tensors(rng)
-            torch.set_rng_state(states["cpu"])
-            if states.get("cuda") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(states["cuda"])
+            generators = reads.take(rng)
+            torch.set_rng_state(generators["cpu"])
+            if generators.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(generators["cuda"])
         return TrainState(step=client["step"], position=StreamPosition(**client["position"]),
                           history=RunHistory(**client.get("history", {})), checkpoint_step=client["step"])

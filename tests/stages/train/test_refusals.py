@@ -32,7 +32,7 @@ def test_an_output_that_is_someone_elses_directory_is_refused_untouched(demo_cac
     (theirs / "model" / "weights.bin").write_bytes(b"\x00" * 64)
     before = snapshot(theirs)
     result = train(demo_cache, policy, theirs, "--max-steps", "1")
-    assert_refused(result, f"--output {theirs} is a directory that is not a selpipe run and not empty")
+    assert_refused(result, f"--output {theirs} is a directory that is neither empty nor a selpipe run")
     assert snapshot(theirs) == before
 
 
@@ -42,7 +42,7 @@ def test_an_output_overlapping_the_policy_or_a_cache_is_refused(demo_cache, poli
               "inside-cache": demo_cache / "run"}[where]
     before = snapshot(policy), snapshot(demo_cache)
     result = train(demo_cache, policy, output, "--max-steps", "1")
-    assert_refused(result, f"--output {output} overlaps", "a run would write into your inputs")
+    assert_refused(result, f"--output {output} overlaps", "writing there would change your inputs")
     assert (snapshot(policy), snapshot(demo_cache)) == before and not (demo_cache / "run").exists()
 
 
@@ -113,14 +113,16 @@ def test_a_crafted_checkpoint_file_is_refused_on_resume_and_runs_nothing(demo_ca
 
 @pytest.fixture
 def small_filesystem(tmp_path):
-    """A 64 KiB tmpfs (root only, as CI runs): room for the run's marker and config, not a checkpoint."""
+    """A small tmpfs (root only, as CI runs), 64 KiB unless asked: room for the run's marker and
+    config, not a checkpoint."""
     import subprocess
 
     mount = tmp_path / "small"
     mount.mkdir()
 
-    def make(options: str) -> Path:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=64k,{options}", "tmpfs", str(mount)], capture_output=True)
+    def make(options: str, size: int = 64 << 10) -> Path:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},{options}", "tmpfs", str(mount)],
+                              capture_output=True)
         if done.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
         return mount
@@ -129,11 +131,30 @@ def small_filesystem(tmp_path):
     subprocess.run(["umount", str(mount)], capture_output=True)
 
 
+def pages(directory: Path) -> int:
+    """Bytes a tmpfs gives the files below `directory`: whole 4 KiB pages."""
+    return sum(-(-p.stat().st_size // 4096) * 4096 for p in directory.rglob("*") if p.is_file())
+
+
 def test_a_full_disk_is_one_line(demo_cache, policy, small_filesystem):
     output = small_filesystem("rw") / "run"
     result = train(demo_cache, policy, output, "--max-steps", "1", "--report-to", "none")
     assert_refused(result, "cannot write the run directory")
     assert not list(output.rglob("*.tmp")), "a half-written temporary file was left behind"
+
+
+def test_a_full_disk_while_saving_the_final_model_is_one_line(demo_cache, policy, tmp_path, small_filesystem):
+    """Room for the run and its checkpoint, not for the model saved after it: the mount holds what a
+    run of these settings writes on a normal disk (the sizes follow from the settings), less half
+    the model."""
+    settings = ("--max-steps", "1", "--save-every", "0", "--report-to", "none")
+    measured = tmp_path / "measured"
+    assert train(demo_cache, policy, measured, *settings).returncode == 0
+    output = small_filesystem("rw", size=pages(measured) - pages(measured / "model") // 2) / "run"
+    result = train(demo_cache, policy, output, *settings)
+    assert_refused(result, "cannot write", "No space left on device", "free some space")
+    assert (output / "checkpoints" / "latest").read_text() == "step-1\n"  # the last checkpoint is whole
+    assert not (output / "model").exists() and not [p for p in output.rglob("*") if p.name.endswith(".tmp")]
 
 
 def test_a_read_only_output_is_one_line(demo_cache, policy, small_filesystem):
@@ -150,3 +171,20 @@ def test_a_resume_with_another_adapter_or_zero_stage_is_refused_before_deepspeed
     assert_refused(train(demo_cache, policy, run, *common, "--resume", "--lora-rank", "4"),
                    "--resume with settings that differ from the checkpoint's (--lora-rank 0 -> 4)")
     assert_refused(train(demo_cache, policy, run, *common, "--resume", "--zero-stage", "2"), "--zero-stage 0 -> 2")
+
+
+def test_a_resume_with_a_policy_of_another_size_is_one_line_before_deepspeed_loads(demo_cache, policy, tokenizer,
+                                                                                   tmp_path):
+    from ...conftest import demo
+
+    run = tmp_path / "run"
+    common = ("--max-steps", "2", "--save-every", "1", "--no-save-model", "--report-to", "none")
+    first = train(demo_cache, policy, run, *common)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run / "checkpoints" / "latest").write_text("step-1\n")  # as if killed after step 1
+    before = snapshot(run / "checkpoints")
+    wider = tmp_path / "wider"
+    demo.build_model(wider, tokenizer, hidden_size=192)
+    assert_refused(train(demo_cache, wider, run, *common, "--resume"),
+                   "--policy has other weights' names or shapes than the checkpoint's (another model)")
+    assert snapshot(run / "checkpoints") == before
