@@ -27,20 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from selpipe.pipeline.config import ExportConfig, TrainConfig, build_config, setting_fields
+from selpipe.pipeline import ownership
 from selpipe.pipeline.errors import CacheError, ConfigError, first_line, storage_errors
+from selpipe.pipeline.model import load_causal_lm
 from selpipe.pipeline.tokenization import load_tokenizer
 
-from .engine import PEFT_PREFIX, POLICY_PREFIX, add_adapter, write_pretrained
+from .engine import add_adapter
+from .model_io import PEFT_PREFIX, POLICY_PREFIX, write_pretrained
 from .run_dir import RunDirectory
 
-def merge_adapter(base: str, adapter: Path, directory: Path) -> None:
-    """The base model with the LoRA adapter at `adapter` merged in, saved whole into `directory`."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
-    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    write_pretrained(merged, AutoTokenizer.from_pretrained(adapter), directory)
 
 
 def export_checkpoint(cfg: ExportConfig) -> dict[str, Any]:
@@ -51,7 +46,13 @@ def export_checkpoint(cfg: ExportConfig) -> dict[str, Any]:
     if cfg.merge and not train.model.lora_rank:
         raise ConfigError(f"--merge merges a LoRA adapter, but {run} trained every weight; its export is already a "
                           f"full model: drop --merge")
-    _check_output(Path(cfg.output))
+    # Never into the run (its model/, a checkpoint: a resumed run would delete it) or the policy.
+    ownership.check_output(cfg.output, inputs={"RUN": run, "--policy": train.io.policy}, kind="new directory")
+    with ownership.output_lease(cfg.output, "export"):  # a second export into it is refused, naming this one
+        return _export(cfg, run, saved, train)
+
+
+def _export(cfg: ExportConfig, run: Path, saved: dict[str, Any], train: TrainConfig) -> dict[str, Any]:
     steps = checkpoint_steps(run)
     step, value = _choose_step(cfg, run, steps)
     directory = run / "checkpoints" / f"step-{step}"
@@ -103,13 +104,6 @@ def _train_config(saved: dict[str, Any], policy: str | None) -> TrainConfig:
         raise ConfigError(f"the run's policy {policy} is not a directory here; the export needs the base model's "
                           f"config, tokenizer (and with LoRA its weights): pass --policy with where it is now")
     return dataclasses.replace(train, io=dataclasses.replace(train.io, policy=policy))
-
-
-def _check_output(output: Path) -> None:
-    """Never write over what this command did not create: --output must be new or an empty directory."""
-    if output.exists() and not (output.is_dir() and not any(output.iterdir())):
-        raise ConfigError(f"--output {output} exists and is not an empty directory; choose a new or empty --output "
-                          f"(selpipe will not overwrite files it did not create)")
 
 
 def checkpoint_steps(run: Path) -> list[int]:
@@ -195,15 +189,8 @@ def checkpoint_state(directory: Path, zero_stage: int, adapter_only: bool) -> di
 
 
 def _load_base(policy: str) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    try:
-        # As stored: the export keeps the policy's dtype.
-        return AutoModelForCausalLM.from_pretrained(policy, dtype="auto")
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        first = first_line(err)
-        raise ConfigError(f"--policy {policy}: cannot load the model ({first[:300]}); give the base model the run "
-                          f"trained") from None
+    # As stored: the export keeps the policy's dtype.
+    return load_causal_lm(policy, dtype="auto", flag="--policy")
 
 
 def _load_exactly(module: Any, state: dict[str, Any], expected: set[str], directory: Path, policy: str) -> None:

@@ -16,18 +16,8 @@ from selpipe.pipeline.config import ExportConfig
 from selpipe.pipeline.errors import CacheError, ConfigError
 from selpipe.stages.train.export import best_step, export_checkpoint
 
-from ...conftest import BIN, REPO, assert_refused, demo, run_cli, snapshot
+from ...conftest import TINY_RUN, assert_refused, demo, per_step, run_cli, snapshot, train_cli
 
-SETTINGS = ("--max-steps", "2", "--save-every", "1", "--global-batch-size", "8", "--micro-batch-size", "4",
-            "--learning-rate", "1e-3", "--beta", "0.1")
-
-
-def train(cache, policy, output, *extra, launcher=()):
-    command = [*launcher, str(BIN / "selpipe"), "train", "--cache", str(cache), "--policy", str(policy),
-               "--output", str(output), "--no-progress", *map(str, extra)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, f"{' '.join(command)} exited {result.returncode}\n{result.stderr[-5000:]}"
 
 
 def export(run, *extra, check=True):
@@ -39,11 +29,6 @@ def export(run, *extra, check=True):
 def export_here(run, output, **settings):
     """The same export in this process (a fresh process costs seconds of imports)."""
     return export_checkpoint(ExportConfig(run=str(run), output=str(output), **settings))
-
-
-def per_step(run, key):
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r[key] for r in rows if key in r}
 
 
 BATCH = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -58,11 +43,9 @@ def logits(directory) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def zero0_run(tmp_path_factory, demo_cache, models):
-    """Two steps under ZeRO 0, a checkpoint at each, evaluated at each (on the training rows: any cache will do)."""
-    run = tmp_path_factory.mktemp("export") / "zero0"
-    train(demo_cache, models["policy"], run, *SETTINGS, "--eval-cache", demo_cache, "--eval-every", "1")
-    return run
+def zero0_run(tiny_run):
+    """Two steps under ZeRO 0, a checkpoint at each, evaluated at each: the shared tiny run."""
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +53,7 @@ def zero3_run(tmp_path_factory, demo_cache, models):
     """The same two steps under ZeRO 3: one process, gloo on CPU; the checkpoints hold partitions,
     and (--save-hf-checkpoints) a gathered Hugging Face copy beside each."""
     run = tmp_path_factory.mktemp("export") / "zero3"
-    train(demo_cache, models["policy"], run, *SETTINGS, "--zero-stage", "3", "--save-hf-checkpoints")
+    train_cli(demo_cache, models["policy"], run, *TINY_RUN, "--zero-stage", "3", "--save-hf-checkpoints")
     return run
 
 
@@ -143,7 +126,7 @@ def test_refusals_are_one_line_and_write_nothing(zero3_run, models, tokenizer, t
     theirs.mkdir()
     (theirs / "notes.txt").write_text("keep me")
     assert_refused(export(zero3_run, "--output", theirs, check=False),
-                   f"--output {theirs} exists and is not an empty directory")
+                   f"--output {theirs} is a directory that is neither empty nor a new directory")
     assert (theirs / "notes.txt").read_text() == "keep me" and len(list(theirs.iterdir())) == 1
     # The rest raise the same one-line errors (the CLI prints any of them as above).
     with pytest.raises(ConfigError, match="has no checkpoint of that step; its checkpoints are at steps 1, 2"):
@@ -190,3 +173,24 @@ def test_a_crafted_checkpoint_file_is_refused_before_deepspeed_reads_it(zero3_ru
     with pytest.raises(CacheError, match="refused to load this checkpoint file"):
         export_here(run, tmp_path / "out")
     assert not planted.exists() and not (tmp_path / "out").exists() and snapshot(run) == before
+
+
+@pytest.mark.parametrize("inside", ["model", "checkpoints/step-1", "checkpoints/step-2/hf", "."])
+def test_an_output_inside_the_run_is_refused(zero3_run, tmp_path, inside):
+    """A resumed run deletes old checkpoints and replaces model/: an export there would be lost."""
+    run = tmp_path / "run"
+    shutil.copytree(zero3_run, run)
+    before = snapshot(run)
+    output = run / inside
+    assert_refused(export(run, "--output", output, check=False), f"--output {output} overlaps RUN {run}")
+    assert snapshot(run) == before
+
+
+def test_two_exports_into_one_output_the_second_is_refused_naming_the_first(zero0_run, tmp_path):
+    from selpipe.pipeline.ownership import output_lease
+
+    output = tmp_path / "out"
+    with output_lease(output, "export"):  # another export holding it, alive (this process)
+        result = export(zero0_run, "--output", output, check=False)
+    assert_refused(result, f"--output {output} is in use by `selpipe export` on host", f"pid {os.getpid()}")
+    assert not output.exists()

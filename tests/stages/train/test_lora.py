@@ -13,17 +13,15 @@ import torch
 
 from selpipe.stages.train.safe_load import load_tensors
 
-from ...conftest import BIN, run_cli
-from .test_export import BATCH, export, export_here, logits, per_step, train
+from ...conftest import per_step, run_cli, torchrun
+from ...conftest import train_cli as train
+from .test_export import BATCH, export, export_here, logits
 
 LORA = ("--lora-rank", "8", "--learning-rate", "1e-3")
 # Four steps of eight pairs, checkpoints at steps 2 and 4; one rank or two (no accumulation on two).
+# --top-k 1 (every token selected): see test_lora_under_zero3_on_two_processes_gives_the_losses_of_one.
 SHORT = (*LORA, "--max-steps", "4", "--global-batch-size", "8", "--micro-batch-size", "4", "--beta", "0.1",
-         "--save-every", "2")
-
-
-def torchrun(processes):
-    return (str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(processes))
+         "--save-every", "2", "--top-k", "1")
 
 
 def module_state(run, step):
@@ -100,6 +98,19 @@ def test_only_the_adapter_trains_the_loss_falls_and_the_merge_computes_base_plus
 
 
 def test_lora_under_zero3_on_two_processes_gives_the_losses_of_one(lora_run, tmp_path, demo_cache, models):
+    """Why --top-k 1, and the tolerance. At step 1 lora_B is zero: the policy is the reference, so
+    every alignment score r - p is 0 only where the policy's log-probs equal the cache's bit for
+    bit; elsewhere it is rounding noise (other padding, other kernels, other threads than stage one
+    used), and top-k at k < 1 selects the noise's extremes: a different mask, a different first
+    gradient (this test once failed so: step 2 at 0.7294294 against 0.7294867). With k = 1 every
+    token is selected on both sides, whatever the noise, so both runs take the same first step by
+    construction. What remains is the order of summation: one process accumulates two micro
+    batches, two processes all-reduce one each (x/2 + y/2 against (x + y)/2, the same rounding),
+    and ZeRO-3 sums partitions where ZeRO-0 sums whole tensors. Each reordered float32 sum moves a
+    value by a few ulps; Adam's update m/(sqrt(v) + eps) is scale-free, so weights stay within a
+    few ulps of lr-sized steps and each loss (~0.69, ulp 6e-8) within a few ulps too: measured
+    0 to 2 ulps. 2e-5 is ~300 ulps of the loss: far above that noise, far below a different mask's
+    5.7e-5."""
     two = tmp_path / "two"
     train(demo_cache, models["policy"], two, *SHORT, "--zero-stage", "3", launcher=torchrun(2))
     expected, got = per_step(lora_run, "loss"), per_step(two, "loss")

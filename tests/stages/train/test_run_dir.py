@@ -97,3 +97,30 @@ def test_a_resume_keeps_the_logged_rows_up_to_its_checkpoint_and_a_fresh_start_n
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
     directory.open_logs(None, [], {})
     assert metrics.read_text() == ""
+
+
+def test_two_concurrent_trains_into_one_output_one_refuses_naming_the_other(demo_cache, models, tmp_path):
+    """Both start at once; the lease goes to one, held to its end, and the other refuses in one line
+    without writing anything (its files would have mixed with the first's)."""
+    import os
+    import subprocess
+
+    from ...conftest import BIN, REPO
+
+    run = tmp_path / "run"
+    command = [str(BIN / "selpipe"), "train", "--cache", str(demo_cache), "--policy", str(models["policy"]),
+               "--output", str(run), "--no-progress", "--max-steps", "6", *SHORT[2:], "--no-save-model"]
+    logs = [open(tmp_path / f"stderr-{i}", "w+") for i in range(2)]  # files: no pipe fills up and blocks
+    processes = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log, text=True,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"}) for log in logs]
+    results = [(process.wait(timeout=600), (tmp_path / f"stderr-{i}").read_text()) for i, process in enumerate(processes)]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], [err[-2000:] for _, err in results]
+    [(winner_pid, _)] = [(p.pid, err) for p, (code, err) in zip(processes, results) if code == 0]
+    [refusal] = [err for code, err in results if code == 2]
+    last = refusal.strip().splitlines()[-1]
+    assert last.startswith(f"error: --output {run} is in use by `selpipe train` on host") and f"pid {winner_pid}" in last
+    assert "Traceback" not in refusal
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # one run's rows, once each
+    assert not (run / ".selpipe-lease.json").exists()  # released at the end
