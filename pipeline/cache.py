@@ -326,7 +326,7 @@ def check_tokenizer(directory: str | Path, manifest: dict[str, Any], fingerprint
         raise CacheError(
             f"{directory}: the policy's tokenizer differs from the one the cache was scored with "
             f"(differs in: {', '.join(differing)}); train a policy with the cache's tokenizer "
-            f"({manifest['reference']['model']}) or rescore the data"
+            f"({manifest['reference'].get('model')}) or rescore the data"
         )
 
 
