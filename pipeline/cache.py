@@ -22,7 +22,7 @@ import json
 import random
 import re
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from itertools import accumulate
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,9 +346,8 @@ def read_rows(directory: str | Path, manifest: dict[str, Any], columns: list[str
         yield from pq.read_table(directory / shard["file"], columns=columns).to_pylist()
 
 
-def _read_local_rows(file: Path, local: list[int]) -> list[dict[str, Any]]:
+def _read_local_rows(parquet: pq.ParquetFile, local: list[int]) -> list[dict[str, Any]]:
     """Rows `local` (sorted) of one shard, reading only the row groups that hold them."""
-    parquet = pq.ParquetFile(file)
     sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.metadata.num_row_groups)]
     starts = [0, *accumulate(sizes)]
     owner = [bisect.bisect_right(starts, i) - 1 for i in local]
@@ -372,7 +371,7 @@ def sample_rows(path: str | Path, manifest: dict[str, Any], sample: int, seed: i
         stop = start + shard["rows"]
         local = [i - start for i in wanted if start <= i < stop]
         if local:
-            rows += _read_local_rows(Path(path) / shard["file"], local)
+            rows += _read_local_rows(pq.ParquetFile(Path(path) / shard["file"]), local)
         start = stop
     return rows
 
@@ -696,19 +695,28 @@ def _received(text: str) -> TrainingCaches:
     return TrainingCaches.from_json(text)
 
 
-def rank_rows(directory: str | Path, manifest: dict[str, Any], rank: int, world_size: int) -> list[dict[str, Any]]:
-    """Rank `rank` of `world_size`'s block of the cache's rows (rows `eval_block` gives it), in
-    cache order, reading (and checking by sha256) only the shards that hold them."""
-    start, stop = eval_block(manifest["totals"]["rows"], rank, world_size)
+def read_rows_at(directory: str | Path, manifest: dict[str, Any], indices: Sequence[int]) -> list[dict[str, Any]]:
+    """The rows at `indices` (global positions in the manifest's shard order, ascending), reading
+    only the shards that hold them, each checked by its sha256 as it is read (`ShardReader`)."""
+    wanted = sorted(set(indices))
+    if list(indices) != wanted:
+        raise ValueError("read_rows_at takes ascending, distinct indices")
     reader = ShardReader(directory, manifest)
     rows: list[dict[str, Any]] = []
-    offset = 0
+    start = 0
     for shard in manifest["shards"]:
-        lo, hi = max(start, offset), min(stop, offset + shard["rows"])
-        if lo < hi:
-            rows += reader.open(shard["file"]).read().slice(lo - offset, hi - lo).to_pylist()
-        offset += shard["rows"]
+        stop = start + shard["rows"]
+        local = [i - start for i in wanted[bisect.bisect_left(wanted, start):bisect.bisect_left(wanted, stop)]]
+        if local:
+            rows += _read_local_rows(reader.open(shard["file"]), local)
+        start = stop
     return rows
+
+
+def rank_rows(directory: str | Path, manifest: dict[str, Any], rank: int, world_size: int) -> list[dict[str, Any]]:
+    """Rank `rank` of `world_size`'s contiguous block of the cache's rows (`eval_block`, the block
+    `stream.eval_shards` gives it), reading only the shards that hold them."""
+    return read_rows_at(directory, manifest, range(*eval_block(manifest["totals"]["rows"], rank, world_size)))
 
 
 def eval_block(rows: int, rank: int, world_size: int) -> tuple[int, int]:

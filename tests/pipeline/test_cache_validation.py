@@ -17,7 +17,7 @@ import pytest
 
 from selpipe.pipeline.cache import (
     PARQUET_OPTIONS, RECORD_TOTALS, check_values, completed_shard, file_sha256, load_manifest, open_cache,
-    open_training_caches, rank_rows, read_record, read_rows,
+    open_training_caches, rank_rows, read_record, read_rows, read_rows_at,
 )
 from selpipe.pipeline.stream import eval_shards
 from selpipe.pipeline.errors import CacheError
@@ -393,3 +393,18 @@ def test_rank_rows_are_the_ranks_block_and_read_only_its_shards(cache, world, mo
         assert opened == [f"part-00000-{s:06d}.parquet" for s in range(start // 16, (stop - 1) // 16 + 1)]
         joined += rows
     assert joined == every
+
+
+def test_read_rows_at_reads_only_the_row_groups_and_shards_holding_them(cache, monkeypatch):
+    import selpipe.pipeline.cache as cache_module
+
+    manifest = open_cache(cache)
+    every = list(read_rows(cache, manifest))
+    opened: list[str] = []
+    original = cache_module.read_verified
+    monkeypatch.setattr(cache_module, "read_verified", lambda d, s, c="": opened.append(s["file"]) or original(d, s, c))
+    picked = [3, 17, 18, 95]  # shards 0, 1, 1, 5 (16 rows each)
+    assert read_rows_at(cache, manifest, picked) == [every[i] for i in picked]
+    assert opened == ["part-00000-000000.parquet", "part-00000-000001.parquet", "part-00000-000005.parquet"]
+    with pytest.raises(ValueError):
+        read_rows_at(cache, manifest, [5, 2])
