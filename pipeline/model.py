@@ -12,7 +12,8 @@ which refuses any global outside its tensor allow-list before anything runs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,23 @@ def load_fix(err: BaseException) -> str:
     return GIVE_A_MODEL
 
 
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No progress bar and no load report from transformers while a model loads: a failure is the
+    one line raised, and a success prints nothing (its report would bury that line otherwise)."""
+    from transformers.utils import logging
+
+    bar, verbosity = logging.is_progress_bar_enabled(), logging.get_verbosity()
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bar:
+            logging.enable_progress_bar()
+
+
 def load_model_config(path: str | Path, flag: str = "--policy", revision: str | None = None) -> Any:
     """The model's `AutoConfig`, or one line naming `flag`, the path and the fix."""
     from transformers import AutoConfig
@@ -73,7 +91,7 @@ def load_causal_lm(path: str | Path, *, dtype: Any, flag: str = "--policy", revi
     from transformers import AutoModelForCausalLM
 
     _refuse_missing(path, flag)
-    with library_errors("load the model", f"{flag} {path}", load_fix):
+    with library_errors("load the model", f"{flag} {path}", load_fix), quiet_loading():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=revision, **kwargs)
     if state is not None:
         load_state_exactly(model, state, f"{flag} {path}")

@@ -121,3 +121,20 @@ def test_a_state_of_another_size_or_other_names_is_one_line(good, tmp_path):
     changed = {k: v + 1 for k, v in own.items()}
     loaded = load_causal_lm(good, dtype=torch.float32, state=changed)
     assert torch.equal(loaded.state_dict()["lm_head.weight"], changed["lm_head.weight"])
+
+
+def test_loading_prints_nothing_and_restores_the_libraries_settings(good, tmp_path, capfd):
+    """transformers prints a progress bar (and, for weights of another size, a report) to stderr:
+    a failure must be the one line raised alone, so the loader silences both, then restores them."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    load_causal_lm(good, dtype=torch.float32)
+    model = _copy(good, tmp_path)
+    shutil.copy(_save(tmp_path / "bigger", hidden=32) / "model.safetensors", model / "model.safetensors")
+    capfd.readouterr()
+    _refused(model, "another size")
+    load_causal_lm(good, dtype=torch.float32)
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out == ""
+    assert logging.get_verbosity() == verbosity and logging.is_progress_bar_enabled()
