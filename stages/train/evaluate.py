@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from selpipe.pipeline.cache import read_rows
+from selpipe.pipeline.cache import read_rows_at
 from selpipe.pipeline.config import TrainConfig
 from selpipe.pipeline.forward import PolicyForward
 from selpipe.pipeline.metrics import add_sums, reduce_sums
@@ -21,8 +21,12 @@ class Evaluator:
 
     def __init__(self, path: str, manifest: dict[str, Any], engine: Any, all_reduce: Callable[[torch.Tensor], None],
                  rank: int, world_size: int, cfg: TrainConfig, pad_id: int):
-        self.rows = list(read_rows(path, manifest))
-        self.indices, self.micro_batches = eval_shards(len(self.rows), rank, world_size, cfg.batch.micro_batch_size)
+        indices, self.micro_batches = eval_shards(manifest["totals"]["rows"], rank, world_size,
+                                                  cfg.batch.micro_batch_size)
+        # Only this rank's block of rows, read from the row groups that hold them.
+        self.rows = read_rows_at(path, manifest, indices)
+        # What pads a short block (a rank may have no row at all when the cache is smaller than the job).
+        self.filler = self.rows[0] if self.rows else read_rows_at(path, manifest, [0])[0]
         self.engine, self.all_reduce, self.cfg, self.pad_id = engine, all_reduce, cfg, pad_id
         self.forward = PolicyForward.of(cfg.model, cfg.loss)
         self.previous_masks: list[torch.Tensor] | None = None
@@ -36,10 +40,10 @@ class Evaluator:
         overlap = torch.zeros(2)  # |this mask & last eval's|, |this mask | last eval's|, over real pairs
         size = self.cfg.batch.micro_batch_size
         for micro in range(self.micro_batches):
-            chunk = self.indices[micro * size:(micro + 1) * size]
+            chunk = self.rows[micro * size:(micro + 1) * size]
             # Every rank runs the same number of forwards (ZeRO-3 gathers collectively): pad with weight-0 rows.
             weights = [1.0] * len(chunk) + [0.0] * (size - len(chunk))
-            rows = [self.rows[i] for i in chunk] + [self.rows[0]] * (size - len(chunk))
+            rows = chunk + [self.filler] * (size - len(chunk))
             [(batch, packed)] = micro_batches(rows, self.cfg.batch, self.forward, self.pad_id, engine.device, weights)
             _, sums, out = forward_loss(engine, batch, packed, self.cfg.loss, self.forward)
             add_sums(totals, sums)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +57,8 @@ def open_caches(cfg: TrainConfig, comm: Comm, tokenizer: Any, vocab: int) -> tup
     """Rank 0 checks every cache end to end; the other ranks get its verdict (the same one-line
     error) and its manifests as JSON, so no rank but rank 0 reads a cache byte at start-up."""
     started = time.perf_counter()
-    checked = comm.on_rank_zero(lambda: open_training_caches(cfg.io.cache, cfg.io.anchor_scores, cfg.io.eval_cache,
-                                                             tokenizer_fingerprint(tokenizer), vocab))
-    shared = comm.broadcast_text(json.dumps(asdict(checked)) if checked is not None else None)
-    caches = checked if checked is not None else TrainingCaches(**json.loads(shared))
+    caches = open_training_caches(cfg.io.cache, cfg.io.anchor_scores, cfg.io.eval_cache, tokenizer_fingerprint(tokenizer),
+                                  vocab, rank=comm.rank, broadcast=comm.broadcast_text)
     return caches, time.perf_counter() - started
 
 
