@@ -142,3 +142,20 @@ def test_row_groups_from_the_start_up_check_give_the_same_stream(demo_cache):
                         shuffle_window=3, row_groups=checked.row_groups)
     assert given.row_groups == make(demo_cache).row_groups
     assert [ids(r) for _, r in take(given, StreamPosition(), 12)] == [ids(r) for _, r in take(make(demo_cache), StreamPosition(), 12)]
+
+
+def test_an_anchor_shard_changed_while_training_runs_stops_in_one_line(demo_cache, tmp_path):
+    import shutil
+
+    anchor = Path(shutil.copytree(demo_cache, tmp_path / "anchor"))
+    stream = CacheStream(demo_cache, load_manifest(demo_cache), rank=0, world_size=1, global_batch_size=8, seed=0,
+                         shuffle_window=3, keep_bytes=0, anchor=(anchor, load_manifest(anchor)))
+    batches = stream.batches(StreamPosition())
+    next(batches)
+    for shard in anchor.glob("part-*.parquet"):
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        shard.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=r"anchor/part-\d{5}-\d{6}\.parquet: checksum mismatch .*while training ran"):
+        for _ in range(12):
+            next(batches)
