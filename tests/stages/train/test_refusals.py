@@ -188,3 +188,30 @@ def test_a_resume_with_a_policy_of_another_size_is_one_line_before_deepspeed_loa
     assert_refused(train(demo_cache, wider, run, *common, "--resume"),
                    "--policy has other weights' names or shapes than the checkpoint's (another model)")
     assert snapshot(run / "checkpoints") == before
+
+
+def test_a_truncated_safetensors_policy_is_one_line(demo_cache, policy, tmp_path):
+    [weights] = policy.glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[:len(weights.read_bytes()) // 2])
+    assert_refused(train(demo_cache, policy, tmp_path / "run", "--max-steps", "1"),
+                   f"--policy {policy}: cannot load the model", "truncated or damaged")
+
+
+def test_a_pytorch_model_bin_that_unpickles_with_code_is_refused_in_one_line_and_runs_nothing(demo_cache, policy,
+                                                                                             tmp_path):
+    import subprocess
+    import sys
+
+    for weights in policy.glob("*.safetensors"):
+        weights.unlink()
+    planted = tmp_path / "pwned"
+    (tmp_path / "craft.py").write_text(
+        "import pathlib, torch\n"
+        "class Payload:\n"
+        "    def __reduce__(self):\n"
+        f"        return (pathlib.Path.touch, (pathlib.Path({str(planted)!r}),))\n"
+        f"torch.save({{'lm_head.weight': Payload()}}, {str(policy / 'pytorch_model.bin')!r})\n")
+    subprocess.run([sys.executable, str(tmp_path / "craft.py")], check=True)
+    assert_refused(train(demo_cache, policy, tmp_path / "run", "--max-steps", "1"),
+                   f"--policy {policy}: cannot load the model", "was NOT unpickled")
+    assert not planted.exists()
