@@ -7,23 +7,37 @@ given none), so shard names are confined to the cache.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from .cache import check_layout, load_manifest, verify_checksums
+from .cache import open_cache, verify_checksums
+from .errors import CacheError, library_errors
 
 QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
 
 
-def open_checked(path: str | Path) -> dict[str, Any]:
-    """The manifest of a cache whose layout and checksums hold (the checks `selpipe train` runs)."""
-    manifest = load_manifest(path)
-    check_layout(path, manifest)
-    verify_checksums(path, manifest)
+def open_checked(path: str | Path, *, checksums: bool = True) -> dict[str, Any]:
+    """The manifest of a cache opened as `selpipe train` opens it (`cache.open_cache`: names confined
+    to the cache, no absolute or `../` path, no symlink out of it, every shard a Parquet file of
+    its recorded size), and with `checksums` every shard's sha256 checked too (a caller that runs
+    `cache.check_values`, which hashes as it decodes, passes False and reads each byte once)."""
+    manifest = open_cache(path)
+    if checksums:
+        verify_checksums(path, manifest)
     return manifest
+
+
+@contextmanager
+def reading(path: str | Path) -> Iterator[None]:
+    """Shards that pass their checksums and still are not Parquet (a manifest edited to match): one line."""
+    with library_errors("read the cache's shards", path, "a shard is not Parquet or not this cache's schema: rescore",
+                        error=CacheError):
+        yield
 
 
 def logp_distribution(path: str | Path, manifest: dict[str, Any], max_tokens: int = 2_000_000) -> dict[str, Any]:
@@ -58,8 +72,13 @@ def describe_cache(path: str | Path, manifest: dict[str, Any] | None = None, max
         "tokenization": manifest["tokenization"],
         "input": manifest.get("input", {}),
         "totals": manifest["totals"],
-        "ref_logp_distribution": logp_distribution(path, manifest, max_tokens),
+        "ref_logp_distribution": _distribution(path, manifest, max_tokens),
     }
+
+
+def _distribution(path: str | Path, manifest: dict[str, Any], max_tokens: int) -> dict[str, Any]:
+    with reading(path):
+        return logp_distribution(path, manifest, max_tokens)
 
 
 def format_summary(report: dict[str, Any]) -> str:

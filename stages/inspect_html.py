@@ -29,7 +29,7 @@ import torch
 from selpipe.pipeline.atomic import write_text_atomic
 from selpipe.pipeline.batching import collate_pairs
 from selpipe.pipeline.cache import check_tokenizer, sample_rows
-from selpipe.pipeline.cache_summary import open_checked
+from selpipe.pipeline.cache_summary import open_checked, reading
 from selpipe.pipeline.config import ConfigError
 from selpipe.pipeline.errors import storage_errors
 from selpipe.pipeline.logprobs import completion_logprobs, to_padded
@@ -200,7 +200,8 @@ def render_html(cache_dir: str | Path, out_file: str | Path, policy: str | Path 
     check_page_path(out_file, cache_dir)
     manifest = manifest if manifest is not None else open_checked(cache_dir)
     tokenizer = _page_tokenizer(cache_dir, manifest, policy)
-    picked = sample_rows(cache_dir, manifest, samples, seed)
+    with reading(cache_dir):
+        picked = sample_rows(cache_dir, manifest, samples, seed)
     per_side = _selection(str(policy), picked, pad_id(tokenizer), top_k) if policy is not None and picked else {}
     scale = _color_scale(per_side, picked)
     pairs = "".join(_pair_html(row, index, tokenizer, per_side, scale, (deciding or {}).get(row["id"], {}))

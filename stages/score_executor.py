@@ -54,7 +54,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from selpipe.pipeline.atomic import create_exclusive, write_json_atomic
-from selpipe.pipeline.cache import ShardRecord, completed_shard, summarize, write_manifest
+from selpipe.pipeline.cache import ShardRecord, completed_shard, read_record, shard_name, summarize, write_manifest
 from selpipe.pipeline.config import ConfigError, ScoreConfig, to_dict
 from selpipe.pipeline.errors import CacheError, storage_errors
 from selpipe.pipeline.formats import BadRowError, InputError, InputSource, Record, parse_row, read_file_records
@@ -386,22 +386,23 @@ def _slot_key(record: Record) -> str:
 
 
 def resumable_shard(claim: Claim, records: list[Record], index: int) -> ShardRecord | None:
-    """The record of this worker's shard `index` if it is finished and may resume, else None (score it).
+    """The record of this worker's shard `index` if it is finished and may resume, else None (score it:
+    no shard, or one whose record is torn or whose checksum fails, left by a run killed mid-write).
 
     A finished shard resumes only if it was scored under this header (its record carries the
     header's digest) and holds this slice's rows: its rows plus skips are the slice's count and its
     ids the slice's. A shard that fails either is not this cache's to seal, nor to overwrite: refused.
     """
-    out = claim.out
-    try:
-        done = completed_shard(out, claim.worker, index)
-    except (ValueError, TypeError, KeyError):  # a torn or foreign record: JSON, or the fields of one
-        marker = f"part-{claim.worker:05d}-{index:06d}"
-        raise CacheError(f"{out / (marker + '.json')}: damaged shard record (not a record this tool writes); move "
-                         f"{marker}.parquet and {marker}.json out of {out} and rerun: the shard is scored again") from None
+    out, name = claim.out, shard_name(claim.worker, index)
+    move = f"move {name} and {name[:-len('.parquet')]}.json out of {out} and rerun: the shard is scored again"
+    if (out / name).is_symlink() or (out / name).with_suffix(".json").is_symlink():
+        raise CacheError(f"{out / name}: a shard (or its record) that is a symbolic link; a cache holds its shards "
+                         f"itself: {move}")
+    done = completed_shard(out, claim.worker, index)  # a torn record proves nothing: the shard is scored again
     if done is None:
         return None
-    move = f"move {done.file} and its .json out of {out} and rerun: the shard is scored again"
+    if (done.file, done.worker, done.index) != (name, claim.worker, index):
+        raise CacheError(f"{(out / name).with_suffix('.json')}: the record of another shard ({done.file!r}); {move}")
     if done.header_digest != claim.digest:
         raise CacheError(f"{out / done.file}: a finished shard scored under another header (another reference model, "
                          f"tokenizer, input or settings than {out / HEADER} says); it is not this cache's: {move}")
@@ -423,15 +424,14 @@ def _check_rows(out: Path, done: ShardRecord, records: list[Record], index: int,
 
 
 def all_records(out: Path) -> list[ShardRecord]:
-    """Every shard record in the directory, or one line naming the first that is torn or foreign."""
+    """Every shard record in the directory, or one line naming the first that is torn or another's."""
     records = []
     for path in sorted(out.glob("part-*.json")):
-        try:
-            records.append(ShardRecord.from_json(json.loads(path.read_text())))
-        except (ValueError, TypeError, KeyError, AttributeError):
-            stem = path.name[:-len(".json")]
-            raise CacheError(f"{path}: damaged shard record (not a record this tool writes); move {stem}.parquet and "
-                             f"{stem}.json out of {out} and rerun its worker: the shard is scored again") from None
+        record = read_record(path)
+        if record.file != path.name[:-len(".json")] + ".parquet" or path.is_symlink():
+            raise CacheError(f"{path}: the record of another shard ({record.file!r}), or a link; remove it and its "
+                             f".parquet shard, and rerun worker {record.worker} to score it again")
+        records.append(record)
     return records
 
 

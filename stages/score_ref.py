@@ -27,7 +27,7 @@ from selpipe.pipeline import __version__
 from selpipe.pipeline.cache import SCHEMA_VERSION, CacheError, ScoredPair, SkippedRow, load_manifest, shard_name, summarize, write_shard
 from selpipe.pipeline.cache_summary import describe_cache, format_summary
 from selpipe.pipeline.config import ConfigError, ScoreConfig
-from selpipe.pipeline.errors import SelpipeError, first_line, storage_errors
+from selpipe.pipeline.errors import library_errors, storage_errors
 from selpipe.pipeline.formats import BadRowError, InputError, InputSource, Record, fingerprint_input, parse_row, resolve_input
 from selpipe.pipeline.model import load_model_config
 from selpipe.pipeline.tokenization import (
@@ -138,13 +138,10 @@ def _score_pairs(scorer: Any, pairs: list[TokenizedPair]) -> list[ScoredPair]:
 
 
 def _load_scorer(cfg: ScoreConfig, factory: Any) -> Any:
-    try:
+    # The hf backend loads through pipeline.model (its own one line); vLLM's engine fails to start
+    # in ways of its own (RuntimeError, ValueError, its own classes), all the user's to fix: one line too.
+    with library_errors("load the reference model", f"--model {cfg.model}", catch=lambda err: isinstance(err, Exception)):
         return factory(cfg)
-    except SelpipeError:
-        raise
-    except Exception as err:  # transformers, safetensors and vLLM fail to load in their own ways: all one line
-        first = first_line(err)[:300]
-        raise ConfigError(f"cannot load the reference model from {cfg.model!r} ({type(err).__name__}: {first})") from None
 
 
 def run_score_ref(cfg: ScoreConfig, scorer_factory=None) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from selpipe.pipeline.cache import check_tokenizer, check_values, sample_rows
-from selpipe.pipeline.cache_summary import open_checked
+from selpipe.pipeline.cache_summary import open_checked, reading
 from selpipe.pipeline.config import ConfigError, DType, VerifyConfig
 from selpipe.pipeline.logprobs import check_output_head
 from selpipe.pipeline.model import load_causal_lm
@@ -63,12 +63,13 @@ def verify_cache(path: str | Path, model: str, *, sample: int = 64, tolerance: f
         raise ConfigError(f"--sample must be at least 1; got {sample}")
     if dtype is not None and dtype not in get_args(DType):
         raise ConfigError(f"--dtype must be one of {', '.join(get_args(DType))}; got {dtype!r}")
-    manifest = open_checked(path)
+    manifest = open_checked(path, checksums=False)  # check_values below hashes every shard as it decodes it
     tokenizer = load_tokenizer(model)
     check_tokenizer(path, manifest, tokenizer_fingerprint(tokenizer))
     scorer = _load(model, manifest, device, dtype)
-    check_values(path, manifest, scorer.config.vocab_size)
-    chosen = sample_rows(path, manifest, sample, seed)
+    with reading(path):
+        check_values(path, manifest, scorer.config.vocab_size)
+        chosen = sample_rows(path, manifest, sample, seed)
     requests, cached, sources = [], [], []
     for row in chosen:
         for side in SIDES:

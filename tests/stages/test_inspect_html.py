@@ -123,3 +123,49 @@ def test_cli_refuses_bad_html_settings_in_one_line(scored, tmp_path):
     result = run_cli("inspect", scored["cache"], "--html", tmp_path / "x.html", "--top-k", "2", check=False)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --top-k must be in (0, 1]; got 2.0"
+
+
+def test_the_page_overwrites_only_an_earlier_page(scored, tmp_path):
+    """--html at the cache's manifest, at one of its shards, at a user's file or through a link is refused
+    and leaves the file byte for byte; an earlier page of this tool is rewritten."""
+    from ..conftest import snapshot
+
+    mine = tmp_path / "notes.html"
+    mine.write_text("<p>my notes</p>")
+    (tmp_path / "link.html").symlink_to(mine)
+    shard = next(scored["cache"].glob("part-*.parquet"))
+    before = snapshot(scored["cache"]), mine.read_text()
+    for target, fragment in ((scored["cache"] / "manifest.json", "is inside the cache"), (shard, "is inside the cache"),
+                             (mine, "exists and is not a page selpipe wrote"), (tmp_path / "link.html", "symbolic link")):
+        with pytest.raises(ConfigError, match=fragment):
+            render_html(scored["cache"], target, samples=1)
+        result = run_cli("inspect", scored["cache"], "--html", target, check=False)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and fragment in result.stderr, result.stderr
+    assert (snapshot(scored["cache"]), mine.read_text()) == before
+    page = render_html(scored["cache"], tmp_path / "page.html", samples=1)
+    first = page.read_text()
+    assert render_html(scored["cache"], page, samples=2).read_text() != first  # its own page: rewritten
+
+
+def test_a_reference_path_that_does_not_resolve_here_is_one_line_without_the_hub(scored, tmp_path):
+    """The manifest names the reference by a relative path that does not resolve from this working
+    directory (and could be a Hub id): the page is refused at once, naming the model to pass, with
+    the Hub reachable in principle (HF_HUB_OFFLINE=0): nothing is tried there."""
+    import shutil
+    import subprocess
+    import time
+
+    from ..conftest import BIN
+
+    cache = tmp_path / "cache"
+    shutil.copytree(scored["cache"], cache)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["reference"]["model"] = "ref"
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    started = time.monotonic()
+    result = subprocess.run([str(BIN / "selpipe"), "inspect", str(cache), "--html", "page.html"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "HF_HUB_OFFLINE": "0"})
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+    assert "the cache's reference model 'ref' is not on this machine as given" in result.stderr
+    assert "give --policy MODEL" in result.stderr and time.monotonic() - started < 60
+    assert not (tmp_path / "page.html").exists()

@@ -16,7 +16,7 @@ from selpipe.pipeline.config import ConfigError
 from selpipe.pipeline.formats import BadRowError
 from selpipe.stages.score_ref import run_score_ref
 
-from ..conftest import BIN, REPO, demo, run_cli, score, write_jsonl
+from ..conftest import BIN, REPO, assert_refused, demo, run_cli, score, snapshot, write_jsonl
 
 
 def cache_rows(path):
@@ -293,9 +293,13 @@ def test_a_shard_from_another_cache_is_not_resumed(tmp_path, score_config, demo_
     assert str(info.value).startswith(f"{shard}: a finished shard scored under another header")
     for suffix in (".parquet", ".json"):
         shutil.copy(tmp_path / "a" / f"part-00000-000002{suffix}", shard.with_suffix(suffix))
+    with pytest.raises(CacheError, match="part-00000-000001.json: the record of another shard"):
+        run_score_ref(score_config(ours, tmp_path / "a"))
+    record = json.loads(shard.with_suffix(".json").read_text())
+    shard.with_suffix(".json").write_text(json.dumps({**record, "file": shard.name, "index": 1}))
     with pytest.raises(CacheError) as info:
         run_score_ref(score_config(ours, tmp_path / "a"))
-    assert str(info.value).startswith(f"{tmp_path / 'a' / 'part-00000-000002.parquet'}: a completed shard whose rows "
+    assert str(info.value).startswith(f"{shard}: a completed shard whose rows "
                                       f"are not slice 1 of this worker's input (16 rows + 0 skipped recorded, the slice "
                                       f"has 16; 16 of its ids are missing, e.g. 't-00016'); it is not this cache's")
 
@@ -467,3 +471,186 @@ def test_a_hub_dataset_name_scores_offline_from_the_hub_cache(tmp_path, models, 
     assert json.loads(result.stdout)["rows"] == 2
     assert load_manifest(tmp_path / "c")["input"] == {**load_manifest(tmp_path / "c")["input"], "path": "org/prefs",
                                                        "kind": "hub dataset (downloaded files)", "files": 1}
+
+
+# ---------------------------------------------------------------------------- reruns that must not mix
+
+def _interrupt(out, shards_left):
+    """What a run killed mid-way leaves: its first `shards_left` shards and records, no totals, no manifest."""
+    (out / "manifest.json").unlink()
+    (out / "worker-00000.done.json").unlink()
+    for record in sorted(out.glob("part-*.json"))[shards_left:]:
+        record.unlink()
+        record.with_suffix(".parquet").unlink()
+
+
+def test_another_model_never_seals_into_shards_of_the_first(tmp_path, score_config, models, demo_rows):
+    """Model A leaves 2 of 3 shards. Model B into the same --output is refused (the finished shards
+    commit the header), and each way out its advice names gives a correct cache: rerun A (equal to a
+    clean A run), or remove the directory and score B (equal to a clean B run). A shard scored by B
+    for the same input (same ids), copied in with its intact record, is refused by its header's
+    digest, and moving it away, as advised, rescores it under A."""
+    rows = write_jsonl(tmp_path / "in.jsonl", demo_rows)
+    clean_a = cache_rows(run_score_ref(score_config(rows, tmp_path / "clean-a"))["cache"])
+    clean_b = cache_rows(run_score_ref(score_config(rows, tmp_path / "clean-b", model=str(models["other"])))["cache"])
+    out = tmp_path / "c"
+    run_score_ref(score_config(rows, out))
+    _interrupt(out, 2)
+    with pytest.raises(CacheError) as info:
+        run_score_ref(score_config(rows, out, model=str(models["other"])))
+    assert "other settings (reference.fingerprint: " in str(info.value)
+    assert str(info.value).endswith(f"committed by its finished shards; write to a new --output, rerun with the settings "
+                                    f"it was made with, or remove {out} to score it anew here")
+    assert run_score_ref(score_config(rows, out))["shards_resumed"] == 2
+    assert cache_rows(out) == clean_a
+    _interrupt(out, 2)
+    foreign = out / "part-00000-000001.parquet"
+    for suffix in (".parquet", ".json"):
+        shutil.copy((tmp_path / "clean-b" / foreign.name).with_suffix(suffix), foreign.with_suffix(suffix))
+    with pytest.raises(CacheError, match=f"{foreign}: a finished shard scored under another header .* move "
+                                         f"part-00000-000001.parquet and part-00000-000001.json out of {out} and rerun"):
+        run_score_ref(score_config(rows, out))
+    for suffix in (".parquet", ".json"):
+        foreign.with_suffix(suffix).rename(tmp_path / f"moved{suffix}")
+    assert run_score_ref(score_config(rows, out))["shards_resumed"] == 1
+    assert cache_rows(out) == clean_a
+    shutil.rmtree(out)
+    run_score_ref(score_config(rows, out, model=str(models["other"])))
+    assert cache_rows(out) == clean_b
+
+
+def test_a_foreign_record_of_another_worker_is_never_sealed(tmp_path, score_config, models, demo_rows):
+    """Worker 1's shard scored by model B (same input, same slicing) lies in the cache when worker 1's own
+    shard would be there: the run of worker 1 under A refuses to resume it, and worker 0, finishing
+    last, refuses to seal a manifest over it."""
+    rows = write_jsonl(tmp_path / "in.jsonl", demo_rows)
+    b = tmp_path / "b"
+    for worker in (0, 1):
+        run_score_ref(score_config(rows, b, model=str(models["other"]), num_workers=2, worker_index=worker))
+    out = tmp_path / "a"
+    for suffix in (".parquet", ".json"):
+        shutil.copy(b / f"part-00001-000000{suffix}", out.parent / f"b1{suffix}")
+    run_score_ref(score_config(rows, out, num_workers=2, worker_index=1))
+    (out / "worker-00001.done.json").unlink()  # as if worker 1 had died after its shard
+    for suffix in (".parquet", ".json"):
+        shutil.copy(out.parent / f"b1{suffix}", out / f"part-00001-000000{suffix}")
+    with pytest.raises(CacheError, match="part-00001-000000.parquet: a finished shard scored under another header"):
+        run_score_ref(score_config(rows, out, num_workers=2, worker_index=1))
+    (out / "worker-00001.done.json").write_text("{}")  # ... or had been told it was done
+    with pytest.raises(CacheError, match="part-00001-000000.parquet: scored under another header .* so the cache is not "
+                                         "sealed; move it and its .json out of .* and rerun worker 1"):
+        run_score_ref(score_config(rows, out, num_workers=2, worker_index=0))
+    assert not (out / "manifest.json").exists()
+
+
+def _die_before_the_first_shard(cfg):
+    """A run killed (SIGKILL, out of memory) while loading its model: nothing cleans up."""
+    from selpipe.stages.score_ref import run_score_ref
+
+    run_score_ref(cfg, scorer_factory=lambda cfg: os._exit(9))
+
+
+def test_a_header_with_no_finished_shard_is_no_commitment(tmp_path, score_config, demo_rows):
+    """A run at --max-length 48 dies before its first shard, leaving its header, its registration and
+    its lease (a dead pid); the corrected rerun at 64 takes the lease over and replaces the header."""
+    import multiprocessing
+
+    rows = write_jsonl(tmp_path / "in.jsonl", demo_rows)
+    out = tmp_path / "c"
+    child = multiprocessing.get_context("fork").Process(target=_die_before_the_first_shard,
+                                                        args=(score_config(rows, out, max_length=48),))
+    child.start()
+    child.join(120)
+    assert child.exitcode == 9
+    assert json.loads((out / "header.json").read_text())["settings"]["max_length"] == 48
+    assert (out / ".selpipe-lease-worker-00000.json").exists() and not list(out.glob("part-*"))
+    assert run_score_ref(score_config(rows, out))["complete"]
+    assert load_manifest(out)["settings"]["max_length"] == 64 and load_manifest(out)["totals"]["rows"] == 48
+    assert not list(out.glob(".selpipe-lease*"))
+    (out / "header.json").write_text('{"torn')  # a torn header with no finished shard commits to nothing either
+    for path in [*out.glob("part-*"), out / "manifest.json", out / "worker-00000.done.json"]:
+        path.unlink()
+    assert run_score_ref(score_config(rows, out))["complete"]
+
+
+def test_two_runs_of_one_worker_into_one_output_at_once(tmp_path, score_config, models):
+    """While one run of worker 0 is at work, a second run of worker 0 into the same --output is refused
+    in one line naming the first, and writes nothing. The first is then killed (SIGKILL: its lease
+    stays, naming a dead pid), and a rerun takes the lease over and resumes its shards."""
+    rows = write_jsonl(tmp_path / "in.jsonl", demo.generate_pairs(1200, seed=9, id_prefix="k"))
+    out = tmp_path / "c"
+    args = ["score-ref", "--input", rows, "--model", models["reference"], "--max-length", "64", "--max-prompt-length",
+            "32", "--shard-size", "16", "--token-budget", "256", "--no-progress", "--output", out]
+    first = subprocess.Popen([str(BIN / "selpipe"), *map(str, args)], cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(out.glob("part-*.json")) and time.time() < deadline:
+        time.sleep(0.02)
+    try:
+        with pytest.raises(ConfigError, match=f"--output {out} is in use by `selpipe score-ref` on host .*, pid {first.pid}"):
+            run_score_ref(score_config(rows, out, shard_size=16))
+        assert not (out / "config-worker-00001.json").exists() and first.poll() is None
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    assert (out / ".selpipe-lease-worker-00000.json").exists()
+    resumed = json.loads(run_cli(*args[:-2], "--output", out).stdout.split("\ncache ")[0])
+    assert resumed["shards_resumed"] >= 1 and load_manifest(out)["totals"]["rows"] == 1200
+
+
+def test_a_torn_record_is_rescored_and_a_broken_cache_is_one_line(tmp_path, models, demo_rows):
+    """Through the CLI, as a user meets them. A torn shard record proves nothing about its shard: the
+    rerun scores that shard again and the cache equals the untouched one. A deleted shard, a
+    manifest lacking a key, a shard listed at ../ or as an absolute path, and a symlink out of the
+    cache: inspect and verify say so in one line, exit 2."""
+    rows = write_jsonl(tmp_path / "in.jsonl", demo_rows)
+    out = tmp_path / "c"
+    score(rows, out, models["reference"], "--shard-size", "16")
+    expected = cache_rows(out)
+    record = out / "part-00000-000001.json"
+    (out / "manifest.json").unlink()
+    (out / "worker-00000.done.json").unlink()
+    record.write_text(record.read_text()[:40])
+    rerun = json.loads(score(rows, out, models["reference"], "--shard-size", "16").stdout.split("\ncache ")[0])
+    assert (rerun["shards_resumed"], rerun["rows_scored_now"]) == (2, 16) and cache_rows(out) == expected
+    good = json.loads((out / "manifest.json").read_text())
+    first = good["shards"][0]["file"]
+    outside = tmp_path / first
+    shutil.copy(out / first, outside)
+    hostile = {
+        "../ path": ({**good, "shards": [{**good["shards"][0], "file": f"../{first}"}, *good["shards"][1:]]}, None),
+        "absolute path": ({**good, "shards": [{**good["shards"][0], "file": str(outside)}, *good["shards"][1:]]}, None),
+        "lacking a key": ({k: v for k, v in good.items() if k != "tokenization"}, None),
+        "symlink out": (good, "link"),
+        "deleted shard": (good, "delete"),
+    }
+    for case, (manifest, act) in hostile.items():
+        copy = tmp_path / case.replace(" ", "-")
+        shutil.copytree(out, copy)
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        if act == "link":
+            (copy / first).unlink()
+            (copy / first).symlink_to(outside)
+        elif act == "delete":
+            (copy / first).unlink()
+        for command in (("inspect", copy), ("verify", copy, "--model", models["reference"])):
+            result = run_cli(*command, check=False)
+            assert result.returncode == 2 and "Traceback" not in result.stderr, (case, result.stderr[-2000:])
+            assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: "), (case, result.stderr)
+
+
+def test_deep_and_huge_rows_are_counted_skips_or_one_line(tmp_path, score_config, demo_rows):
+    """A row nested 100,000 levels deep and a row of 2,000,000 bytes over --max-row-bytes 1,000,000:
+    under --on-bad-row skip each is a counted skip by its reason; under error, one line naming it."""
+    deep = '{"id": "deep", "prompt": "p", "chosen": "c", "rejected": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    huge = json.dumps(dict(demo_rows[0], id="huge", chosen="x" * 2_000_000))
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in demo_rows[:4]) + deep + "\n" + huge + "\n")
+    run_score_ref(score_config(path, tmp_path / "skip", on_bad_row="skip", max_row_bytes=1_000_000))
+    totals = load_manifest(tmp_path / "skip")["totals"]
+    assert (totals["rows"], totals["rows_read"], totals["skipped"]) == (4, 6, {"row_too_large": 1, "too_deep": 1})
+    with pytest.raises(BadRowError, match=r"in.jsonl: row 5: lists and objects nest more than 64 levels deep"):
+        run_score_ref(score_config(path, tmp_path / "strict", max_row_bytes=1_000_000))
+    path.write_text("".join(json.dumps(r) + "\n" for r in demo_rows[:4]) + huge + "\n")
+    with pytest.raises(BadRowError, match=r"in.jsonl: row 5: the row is 2,000,\d{3} bytes, over --max-row-bytes 1,000,000"):
+        run_score_ref(score_config(path, tmp_path / "strict", max_row_bytes=1_000_000))

@@ -67,3 +67,25 @@ def test_the_worst_token_names_row_side_and_position(demo_cache, models, tmp_pat
     assert worst["cached"] == pytest.approx(target["rejected_ref_logps"][3])
     assert abs(worst["cached"] - worst["fresh"]) == pytest.approx(report["max_abs_diff"])
     json.dumps(report)  # the CLI prints it as JSON
+
+
+def test_a_model_of_another_tokenizer_or_a_smaller_vocabulary_is_one_line(demo_cache, models, tmp_path):
+    """--model whose tokenizer differs (its chat template), or whose embedding has 50 rows while the cache
+    holds ids up to the tokenizer's size: refused before any rescoring, in one line, exit 2."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(models["reference"], other)
+    tokenizer = AutoTokenizer.from_pretrained(other)
+    tokenizer.chat_template = "{{ messages }}"
+    tokenizer.save_pretrained(other)
+    small = tmp_path / "small-vocab"
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=1, num_key_value_heads=1)).save_pretrained(small)
+    AutoTokenizer.from_pretrained(models["reference"]).save_pretrained(small)
+    for model, fragment in ((other, "differs in: chat_template"), (small, "outside the policy's vocabulary of 50")):
+        result = run_cli("verify", demo_cache, "--model", model, check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert len(result.stderr.strip().splitlines()) == 1 and fragment in result.stderr, result.stderr
