@@ -309,10 +309,14 @@ def _decide(out: Path, header: dict[str, Any], worker: int) -> dict[str, Any]:
         write_json_atomic(path, header)
         return header
     existing = _read_header(path)
-    differing = ["header.json: damaged (not a JSON object)"] if existing is None else differences(existing, header)
+    differing = ["damaged"] if existing is None else differences(existing, header)
     if not differing:
         return existing
     live = _live_workers(out, but=worker)
+    if (records or live) and existing is None:
+        raise CacheError(f"{path}: damaged (not a JSON object), and the cache has finished shards or a worker at work, "
+                         f"so nothing says how they were made; write to a new --output, or remove {out} to score it "
+                         f"anew here")
     if records or live:
         shown = "; ".join(d if len(d) < 200 else d[:200] + "..." for d in differing)
         why = "its finished shards" if records else f"worker(s) {live} working under it now"

@@ -571,6 +571,9 @@ def test_a_header_with_no_finished_shard_is_no_commitment(tmp_path, score_config
     for path in [*out.glob("part-*"), out / "manifest.json", out / "worker-00000.done.json"]:
         path.unlink()
     assert run_score_ref(score_config(rows, out))["complete"]
+    (out / "header.json").write_text('{"torn')  # ... but beside finished shards it is refused, in one line
+    with pytest.raises(CacheError, match=f"{out / 'header.json'}: damaged .* or remove {out} to score it anew here"):
+        run_score_ref(score_config(rows, out))
 
 
 def test_two_runs_of_one_worker_into_one_output_at_once(tmp_path, score_config, models):
