@@ -41,7 +41,9 @@ def test_scores_every_row_into_a_cache_pandas_can_open(tmp_path, score_config, d
     assert summary["complete"] and manifest["totals"]["rows"] == 48 and manifest["totals"]["skipped"] == {}
     assert manifest["backend"]["name"] == "hf" and manifest["reference"]["dtype"] == "float32"
     assert set(manifest["tokenizer_fingerprint"]) >= {"vocab", "merges", "special_tokens", "chat_template", "all"}
-    assert manifest["totals"]["bytes_per_completion_token"] > 0  # size itself: bench/cache_size.py
+    totals = manifest["totals"]  # the size itself is measured by bench/cache_size.py
+    assert totals["bytes"] == sum(p.stat().st_size for p in (tmp_path / "cache").glob("part-*.parquet"))
+    assert totals["bytes_per_completion_token"] == totals["bytes"] / totals["completion_tokens"]
     frame = pd.read_parquet(sorted(glob.glob(str(tmp_path / "cache" / "part-*.parquet"))))  # as the README says
     assert sorted(frame["id"]) == sorted(r["id"] for r in demo_rows)
     for _, row in frame.iterrows():
