@@ -252,7 +252,7 @@ class RunDirectory:
                              f"{self.checkpoints / 'latest'} at an earlier one")
         rng = directory / f"rng-rank{comm.rank}.pt"
         if rng.exists():
-            generators = reads.take(rng)
+            generators = reads.read(rng)
             torch.set_rng_state(generators["cpu"])
             if generators.get("cuda") is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(generators["cuda"])

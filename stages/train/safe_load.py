@@ -65,23 +65,23 @@ def check_checkpoint_files(directory: Path) -> None:
 
 
 class CheckedReads:
-    """Checkpoint files read once each, checked (`load_tensors`), and held until DeepSpeed asks
-    for them: what selpipe reads before DeepSpeed loads (its settings) costs no second read."""
+    """Checkpoint files read once each, checked (`load_tensors`), and held until `release`: what
+    selpipe reads before DeepSpeed loads (its settings), and what DeepSpeed itself reads twice (its
+    loader opens the module-state file to check the list, then to load it), cost one read."""
 
     def __init__(self) -> None:
         self._held: dict[Path, Any] = {}
 
     def read(self, path: str | Path) -> Any:
-        """The checked contents of `path`, held for the `take` that hands them over."""
+        """The checked contents of `path`, read on the first call and held."""
         key = Path(path).resolve()
         if key not in self._held:
             self._held[key] = load_tensors(key, mmap=False)
         return self._held[key]
 
-    def take(self, path: str | Path) -> Any:
-        """The checked contents of `path` (read now unless held), no longer held here."""
-        key = Path(path).resolve()
-        return self._held.pop(key) if key in self._held else load_tensors(key, mmap=False)
+    def release(self) -> None:
+        """Drop what is held (DeepSpeed has copied it into the engine)."""
+        self._held.clear()
 
 
 class _CheckedCheckpointEngine:
@@ -91,7 +91,7 @@ class _CheckedCheckpointEngine:
         self._inner, self._reads = inner, reads
 
     def load(self, path: str, map_location: Any = None) -> Any:  # noqa: ARG002 (always to the CPU)
-        return self._reads.take(path)
+        return self._reads.read(path)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -109,3 +109,4 @@ def checked_loading(ds_engine: Any, reads: CheckedReads) -> Iterator[None]:
         yield
     finally:
         ds_engine.checkpoint_engine = inner
+        reads.release()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -124,3 +125,43 @@ def test_two_concurrent_trains_into_one_output_one_refuses_naming_the_other(demo
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # one run's rows, once each
     assert not (run / ".selpipe-lease.json").exists()  # released at the end
+
+
+COUNTING_TRAIN = """
+import collections, json, sys, torch
+reads = collections.Counter()
+real = torch.load
+def counting(f, *args, **kwargs):
+    reads[str(f)] += 1
+    return real(f, *args, **kwargs)
+torch.load = counting  # DeepSpeed's checkpoint engine and selpipe's check both call torch.load
+from selpipe.cli.app import main
+sys.argv = ["selpipe", "train", *sys.argv[2:]]
+try:
+    main()
+finally:
+    open(__import__("os").environ["READS_OUT"], "w").write(json.dumps(reads))
+"""
+
+
+def test_a_resume_reads_each_checkpoint_file_once(tiny_run, demo_cache, models, tmp_path):
+    """Once: the settings check, the weights_only check and DeepSpeed's load share one read (every
+    torch.load of the resumed process counted)."""
+    import os
+    import subprocess
+    import sys
+
+    from ...conftest import REPO, TINY_RUN
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "checkpoints" / "latest").write_text("step-1\n")  # as if killed after step 1
+    out = tmp_path / "reads.json"
+    command = [sys.executable, "-c", COUNTING_TRAIN, "-", "--cache", str(demo_cache), "--policy", str(models["policy"]),
+               "--output", str(run), "--no-progress", *TINY_RUN, "--eval-cache", str(demo_cache), "--resume"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "READS_OUT": str(out)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    step1 = str(run / "checkpoints" / "step-1")
+    reads = {Path(name).name: count for name, count in json.loads(out.read_text()).items() if name.startswith(step1)}
+    assert reads == {"mp_rank_00_model_states.pt": 1, "rng-rank0.pt": 1}

@@ -90,11 +90,12 @@ def test_a_file_read_before_deepspeed_loads_is_handed_over_without_a_second_read
     reads = CheckedReads()
     first = reads.read(states)
     assert reads.read(tmp_path / "." / states.name) is first  # the same file by another spelling
-    assert reads.take(states) is first
-    reads.take(optim)
+    assert reads.read(str(states)) is first
+    reads.read(optim)
     assert reads_counted == {states.name: 1, optim.name: 1}
-    # Once handed over, a file is no longer held: asking again reads it again.
-    reads.take(states)
+    # Once released (DeepSpeed has copied what it loaded), asking again reads the file again.
+    reads.release()
+    reads.read(states)
     assert reads_counted[states.name] == 2
 
 
