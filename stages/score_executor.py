@@ -56,7 +56,7 @@ import pyarrow.parquet as pq
 from selpipe.pipeline.atomic import create_exclusive, write_json_atomic
 from selpipe.pipeline.cache import ShardRecord, completed_shard, read_record, shard_name, summarize, write_manifest
 from selpipe.pipeline.config import ConfigError, ScoreConfig, to_dict
-from selpipe.pipeline.errors import CacheError, storage_errors
+from selpipe.pipeline.errors import CacheError, library_errors, storage_errors
 from selpipe.pipeline.formats import BadRowError, InputError, InputSource, Record, parse_row, read_file_records
 from selpipe.pipeline.ownership import Holder, acquire, check_output, setting_differences
 from selpipe.pipeline.workers import place_worker
@@ -416,7 +416,8 @@ def resumable_shard(claim: Claim, records: list[Record], index: int) -> ShardRec
 
 def _check_rows(out: Path, done: ShardRecord, records: list[Record], index: int, move: str) -> None:
     expected = Counter(_slot_key(r) for r in records)
-    held = Counter(pq.read_table(out / done.file, columns=["id"]).column("id").to_pylist())
+    with library_errors("read the shard", out / done.file, f"it is not a shard score-ref wrote: {move}", error=CacheError):
+        held = Counter(pq.read_table(out / done.file, columns=["id"]).column("id").to_pylist())
     held += Counter(s.id if s.id is not None else f"#row {s.row}" for s in done.skipped)
     if held != expected:
         missing = sorted((expected - held).elements())

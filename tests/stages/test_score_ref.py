@@ -659,3 +659,24 @@ def test_deep_and_huge_rows_are_counted_skips_or_one_line(tmp_path, score_config
     path.write_text("".join(json.dumps(r) + "\n" for r in demo_rows[:4]) + huge + "\n")
     with pytest.raises(BadRowError, match=r"in.jsonl: row 5: the row is 2,000,\d{3} bytes, over --max-row-bytes 1,000,000"):
         run_score_ref(score_config(path, tmp_path / "strict", max_row_bytes=1_000_000))
+
+
+def test_a_resumed_shard_that_is_not_parquet_is_one_line(tmp_path, score_config, demo_rows):
+    """A shard replaced by other bytes with a record edited to match them (size, sha256): the checksum
+    holds, the Parquet does not, and the resume says so in one line with advice that works."""
+    from selpipe.pipeline.cache import file_sha256
+
+    rows = write_jsonl(tmp_path / "in.jsonl", demo_rows)
+    out = tmp_path / "c"
+    run_score_ref(score_config(rows, out))
+    (out / "manifest.json").unlink()
+    shard = out / "part-00000-000001.parquet"
+    shard.write_bytes(b"not parquet at all")
+    record = json.loads(shard.with_suffix(".json").read_text())
+    shard.with_suffix(".json").write_text(json.dumps({**record, "bytes": 18, "sha256": file_sha256(shard)}))
+    with pytest.raises(CacheError, match=f"{shard}: cannot read the shard .* move part-00000-000001.parquet and "
+                                         f"part-00000-000001.json out of {out} and rerun"):
+        run_score_ref(score_config(rows, out))
+    shard.unlink()
+    shard.with_suffix(".json").unlink()
+    assert run_score_ref(score_config(rows, out))["complete"] and load_manifest(out)["totals"]["rows"] == 48
