@@ -86,7 +86,8 @@ def setup(cfg: TrainConfig, comm: Comm, held: ExitStack) -> Setup:
                          global_batch_size=cfg.batch.global_batch_size, seed=cfg.batch.seed,
                          shuffle_window=cfg.batch.shuffle_window,
                          anchor=(cfg.io.anchor_scores, caches.anchor) if caches.anchor else None,
-                         length_bucketing=cfg.batch.length_bucketing)
+                         length_bucketing=cfg.batch.length_bucketing,
+                         row_groups=caches.row_groups["train"])  # from the checked bytes: no rank re-reads footers
     # Content digests: a resume must see the same scores (and evaluate on the same rows) as the run it continues.
     identity = {name: manifest and cache_identity(manifest) for name, manifest in
                 (("cache", caches.train), ("anchor_scores", caches.anchor), ("eval_cache", caches.eval))}
