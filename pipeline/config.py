@@ -150,6 +150,27 @@ def check_setting(cfg: Any, f: dataclasses.Field) -> None:
         raise ConfigError(f"{name} must be {_range_text(meta)}; got {value}")
 
 
+DEVICE_WORDS = ("auto", "cpu", "cuda", "mps")
+
+
+def check_device(device: str, flag: str = "--device") -> None:
+    """A device torch can place a model on here: auto, cpu, mps, cuda or cuda:N, with CUDA (and GPU N)
+    present when named, so a typo or a GPU-less host is one line before the model loads, not a
+    traceback from `model.to` after it. torch is imported only when CUDA is asked for."""
+    kind, _, index = device.partition(":")
+    if kind not in DEVICE_WORDS or (index and (kind != "cuda" or not index.isdigit())) or device.endswith(":"):
+        raise ConfigError(f"{flag} must be auto, cpu, mps, cuda or cuda:N; got {device!r}")
+    if kind != "cuda":
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(f"{flag} {device}: this machine has no CUDA device torch can use; use --device cpu or auto")
+    if index and int(index) >= count:
+        raise ConfigError(f"{flag} {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+
+
 def check_settings(cfg: Any) -> None:
     """`check_setting` for each setting of one dataclass (a group checks its own; see `__post_init__`)."""
     for f in dataclasses.fields(cfg):
@@ -252,7 +273,7 @@ class ScoreConfig(Settings):
                                          "log-probs; faster when prompts are long).")
     logprob_chunk: int = setting(256, "Completion positions per log-softmax chunk: the fp32 buffer is chunk x vocab x 4 bytes.",
                                  above=0)
-    device: str = setting("auto", "hf backend device: auto, cpu, cuda, cuda:N.")
+    device: str = setting("auto", "hf backend device: auto, cpu, mps, cuda, cuda:N.")
     compile: bool = setting(False, "hf backend: torch.compile the model with frozen weights: about a minute more start-up, "
                                    "then faster scoring (see docs/benchmarks.md); for long runs.")
     tensor_parallel_size: int = setting(1, "vllm backend: GPUs per model.", above=0)
@@ -274,6 +295,8 @@ class ScoreConfig(Settings):
             raise ConfigError("--share-prompts is for --backend hf (vLLM has its own prefix caching, off for exact scores)")
         if self.token_budget != "auto" and self.token_budget < self.max_length:
             raise ConfigError(f"--token-budget ({self.token_budget}) must hold one sequence of --max-length ({self.max_length})")
+        if self.backend == "hf":
+            check_device(self.device)
 
 
 # ------------------------------------------------------------------ stage two, in groups
@@ -482,12 +505,13 @@ class VerifyConfig(Settings):
     sample: int = setting(64, "Pairs to recompute.", above=0)
     tolerance: float = setting(1e-3, "Largest per-token |difference| that passes.", minimum=0)
     seed: int = setting(0, "Seed of the sample.", minimum=0)
-    device: str = setting("auto", "auto, cpu, cuda, cuda:N.")
+    device: str = setting("auto", "auto, cpu, mps, cuda, cuda:N.")
     dtype: DType | None = setting(None, "Weights dtype (default: the cache's).")
     token_budget: int = setting(16384, "Most padded tokens in one forward batch.", above=0)
 
     def __post_init__(self) -> None:
         check_settings(self)
+        check_device(self.device)
 
 
 @dataclass(frozen=True)

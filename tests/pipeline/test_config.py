@@ -189,3 +189,29 @@ def test_groups_are_checked_when_built_and_frozen():
         LossConfig(beta=0.0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         LossConfig().beta = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("cls, extra", [(VerifyConfig, {"cache": "c", "model": "m"}),
+                                        (ScoreConfig, {"input": "i", "output": "o", "model": "m"})])
+@pytest.mark.parametrize("device", ["nosuch", "cuda:x", "cpu:0", "cuda:", "gpu"])
+def test_a_device_torch_cannot_name_is_one_line_before_anything_loads(cls, extra, device):
+    """`verify --device nosuch` was a RuntimeError traceback from `model.to` after the model loaded."""
+    with pytest.raises(ConfigError, match=r"^--device must be auto, cpu, mps, cuda or cuda:N; got "):
+        build_config(cls, {**extra, "device": device})
+
+
+def test_cuda_on_a_host_without_it_is_one_line(monkeypatch):
+    """`verify --device cuda` on a CPU host was torch's "Torch not compiled with CUDA enabled" traceback."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^--device cuda: this machine has no CUDA device"):
+        build_config(VerifyConfig, {"cache": "c", "model": "m", "device": "cuda"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert build_config(VerifyConfig, {"cache": "c", "model": "m", "device": "cuda:1"}).device == "cuda:1"
+    with pytest.raises(ConfigError, match=r"^--device cuda:2: this machine has 2 CUDA device\(s\), cuda:0 to cuda:1$"):
+        build_config(VerifyConfig, {"cache": "c", "model": "m", "device": "cuda:2"})
+    # The vllm backend places itself: --device (an hf setting) is not checked for it.
+    assert build_config(ScoreConfig, {"input": "i", "output": "o", "model": "m", "backend": "vllm",
+                                      "device": "cuda:9"}).backend == "vllm"
