@@ -169,3 +169,55 @@ def test_a_reference_path_that_does_not_resolve_here_is_one_line_without_the_hub
     assert "the cache's reference model 'ref' is not on this machine as given" in result.stderr
     assert "give --policy MODEL" in result.stderr and time.monotonic() - started < 60
     assert not (tmp_path / "page.html").exists()
+
+
+def test_inspect_refuses_what_train_refuses(demo_cache, tmp_path):
+    """inspect runs train's value checks in its one pass: a manifest whose row counts lie (totals
+    edited to match), a NaN reference log-prob, and a shard copied in under a second name (ids
+    twice) are one line, exit 2, where inspect used to print a summary (and `mean=nan`)."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from selpipe.pipeline.cache import file_sha256
+
+    def broken(name, edit):
+        copy = tmp_path / name
+        shutil.copytree(demo_cache, copy)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        edit(copy, manifest)
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        return copy
+
+    def rows_lie(copy, manifest):
+        manifest["shards"][0]["rows"] -= 2
+        manifest["totals"]["rows"] -= 2
+
+    def nan_logp(copy, manifest):
+        shard = manifest["shards"][0]
+        table = pq.read_table(copy / shard["file"])
+        logps = table.column("chosen_ref_logps").to_pylist()
+        logps[0][0] = float("nan")
+        column = table.schema.get_field_index("chosen_ref_logps")
+        table = table.set_column(column, table.schema.field(column), pa.array(logps, table.schema.field(column).type))
+        pq.write_table(table, copy / shard["file"], row_group_size=4)
+        size = (copy / shard["file"]).stat().st_size
+        manifest["totals"]["bytes"] += size - shard["bytes"]
+        shard["sha256"], shard["bytes"] = file_sha256(copy / shard["file"]), size
+
+    def ids_twice(copy, manifest):
+        first, second = manifest["shards"][0], manifest["shards"][1]
+        shutil.copy(copy / first["file"], copy / second["file"])
+        for total in manifest["totals"]:  # totals edited to match, as a careful forger would
+            if isinstance(first.get(total), int):
+                manifest["totals"][total] += first[total] - second[total]
+        second.update({key: first[key] for key in first if key != "file"})
+
+    for name, edit, says in (("rows", rows_lie, "the manifest says"), ("nan", nan_logp, "NaN"),
+                             ("twice", ids_twice, "appears in more than one row")):
+        cache = broken(name, edit)
+        result = run_cli("inspect", cache, check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (name, result.stderr[-2000:])
+        assert len(result.stderr.strip().splitlines()) == 1 and says in result.stderr, (name, result.stderr)
+    assert run_cli("inspect", demo_cache).returncode == 0
