@@ -103,10 +103,11 @@ def test_inside_checked_loading_deepspeeds_reads_go_through_the_check(crafted, t
     path, planted = crafted
 
     class UnsafeEngine:
-        """DeepSpeed's TorchCheckpointEngine as it loads: anything unpickles."""
+        """DeepSpeed's TorchCheckpointEngine, whose load unpickles anything: inside the block it must
+        never be reached (reaching it fails the test without unpickling the crafted file)."""
 
         def load(self, path, map_location=None):
-            return torch.load(path, map_location=map_location, weights_only=False)
+            raise AssertionError(f"DeepSpeed's own unchecked load was called for {path}")
 
         def is_decoupled(self):
             return False
